@@ -1,0 +1,10 @@
+"""LightningDataModules: image data (HF ``datasets``, embedded digits) and on-the-fly oracle labels."""
+
+from lightning_attr.data.digits import digits_dataset
+from lightning_attr.data.images import ImageDataModule, IndexedImageDataset, load_image_dataset
+from lightning_attr.data.label_store import LabelStore
+from lightning_attr.data.oracle import OracleDataModule
+from lightning_attr.data.samplers import UnpaddedDistributedSampler
+
+__all__ = ["ImageDataModule", "IndexedImageDataset", "LabelStore", "OracleDataModule", "UnpaddedDistributedSampler",
+           "digits_dataset", "load_image_dataset"]

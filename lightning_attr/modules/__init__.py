@@ -1,0 +1,9 @@
+"""LightningModules: the classifier to explain and the amortized explainer."""
+
+from lightning_attr.modules.classifier import Classifier
+from lightning_attr.modules.explainer import AmortizedExplainer
+from lightning_attr.modules.heads import MLPHead, TransformerHead
+from lightning_attr.modules.timm_models import PatchFeatures, create_timm_model, save_timm_weights
+
+__all__ = ["AmortizedExplainer", "Classifier", "MLPHead", "PatchFeatures", "TransformerHead", "create_timm_model",
+           "save_timm_weights"]

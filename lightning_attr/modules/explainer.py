@@ -1,0 +1,147 @@
+"""AmortizedExplainer: frozen timm backbone + trainable head -> attributions (B, d, K), fit to noisy oracle labels."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_attr.games import PatchGame
+from lightning_attr.metrics import EfficiencyGap, attribution_metrics
+from lightning_attr.modules.heads import build_head
+from lightning_attr.modules.optim import adamw_cosine
+from lightning_attr.modules.timm_models import PatchFeatures, create_timm_model
+
+__all__ = ["AmortizedExplainer"]
+
+
+class AmortizedExplainer(L.LightningModule):
+    """Learns ``x -> phi(x)`` (B, d, K) for a patch game of a classifier by regression on noisy unbiased labels.
+
+    The explained classifier (``classifier``, a timm name, with ``classifier_weights``) defines the game
+    ``self.game`` (a :class:`~lightning_attr.games.PatchGame`) that an :class:`~lightning_attr.data.OracleDataModule`
+    queries for labels. The explainer is a frozen timm ``backbone`` (default: the classifier's architecture and
+    weights) giving one feature per patch, plus a trainable ``head``.
+
+    Args:
+        classifier / classifier_weights / classifier_kwargs: the model to explain (timm name, local weights file,
+            ``timm.create_model`` kwargs). ``pretrained=True`` without a file loads hub weights.
+        backbone / backbone_weights / backbone_kwargs: the frozen feature extractor (defaults: the classifier's).
+        num_classes: K. image_size / patch_size / baseline / output: the game (players = patches).
+        head: ``"transformer"`` (default; attends over patches and the prediction) or ``"mlp"`` (per patch).
+        head_dim / head_depth / head_heads / dropout: head size.
+        target_scale: labels and outputs are divided by it inside the loss; ``None`` sets it once from the first
+            training batch (RMS of the labels) and stores it in the checkpoint.
+        efficiency: add ``(v(all) - v(empty) - sum_i phi_i) / d`` to every player (exact efficiency, Shapley only).
+        lr / weight_decay / warmup_fraction: AdamW on the head with warm-up and cosine decay.
+    """
+
+    def __init__(
+        self,
+        classifier: str = "vit_tiny_patch16_224",
+        classifier_weights: str | None = None,
+        classifier_kwargs: dict[str, Any] | None = None,
+        backbone: str | None = None,
+        backbone_weights: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = True,
+        num_classes: int = 10,
+        image_size: int = 32,
+        patch_size: int = 8,
+        baseline: float = 0.0,
+        output: Literal["probs", "logits", "log_probs"] = "probs",
+        head: Literal["transformer", "mlp"] = "transformer",
+        head_dim: int = 128,
+        head_depth: int = 2,
+        head_heads: int = 4,
+        dropout: float = 0.0,
+        target_scale: float | None = None,
+        efficiency: bool = True,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.05,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        classifier_kwargs = dict(classifier_kwargs or {})
+        model = create_timm_model(classifier, pretrained, classifier_weights, num_classes, argument="classifier",
+                                  **classifier_kwargs)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.game = PatchGame(model, patch_size, (image_size, image_size), baseline, output)
+        if backbone is None:
+            backbone, backbone_weights = classifier, backbone_weights or classifier_weights
+            backbone_kwargs = classifier_kwargs if backbone_kwargs is None else backbone_kwargs
+        self.features = PatchFeatures(backbone, self.game.grid, image_size, pretrained, backbone_weights,
+                                      **dict(backbone_kwargs or {}))
+        d = self.game.num_players
+        self.head = build_head(head, in_dim=self.features.dim, num_players=d, num_classes=num_classes, dim=head_dim,
+                               depth=head_depth, heads=head_heads, dropout=dropout)
+        self.register_buffer("scale", torch.tensor(float(target_scale or 0.0)))
+        self.test_metrics = attribution_metrics("test/")
+        self.test_efficiency = EfficiencyGap()
+
+    @property
+    def num_players(self) -> int:
+        return self.game.num_players
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attributions (B, d, K) for images (B, C, H, W), in the units of the game's output."""
+        phi, _ = self._explain(x)
+        return phi
+
+    def _explain(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        d = self.num_players
+        ends = torch.zeros(x.shape[0], 2, d, dtype=torch.bool, device=x.device)
+        ends[:, 1] = True
+        v = self.game(x, ends)  # (B, 2, K): v(empty), v(all)
+        total = v[:, 1] - v[:, 0]
+        scale = self.scale if self.scale > 0 else torch.ones_like(self.scale)
+        phi = self.head(self.features(x), v[:, 1]) * scale
+        if self.hparams.efficiency:
+            phi = phi + (total - phi.sum(1)).unsqueeze(1) / d
+        return phi, total
+
+    def _loss(self, phi: Tensor, labels: Tensor) -> Tensor:
+        return F.mse_loss(phi / self.scale, labels / self.scale)
+
+    def _labels(self, batch: dict[str, Tensor], key: str = "labels") -> Tensor:
+        if key not in batch:
+            raise KeyError(f"Batch has no {key!r}; train the explainer with an OracleDataModule (got keys {sorted(batch)}).")
+        labels = batch[key]
+        if labels.shape[1] != self.num_players:
+            raise ValueError(f"Labels have {labels.shape[1]} players, the game has {self.num_players}.")
+        return labels
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        labels = self._labels(batch)
+        if self.scale <= 0:  # set once from the first batch, then saved with the checkpoint
+            self.scale.fill_(float(labels.pow(2).mean().sqrt().clamp(min=1e-8)))
+        phi, _ = self._explain(batch["image"])
+        loss = self._loss(phi, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        labels = self._labels(batch)
+        phi, _ = self._explain(batch["image"])
+        if self.scale > 0:  # MSE to independent noisy labels: unbiased for the MSE to exact values, up to a constant
+            self.log("val/loss", self._loss(phi, labels), prog_bar=True, sync_dist=True, batch_size=len(labels))
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        exact = self._labels(batch, "exact")
+        phi, total = self._explain(batch["image"])
+        self.test_metrics.update(phi, exact)
+        self.test_efficiency.update(phi, total)
+        self.log_dict(self.test_metrics, batch_size=len(exact))
+        self.log("test/efficiency_gap", self.test_efficiency, batch_size=len(exact))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self(batch["image"] if isinstance(batch, dict) else batch)
+
+    def configure_optimizers(self):
+        return adamw_cosine(self, self.head.parameters(), self.hparams.lr, self.hparams.weight_decay,
+                            self.hparams.warmup_fraction)

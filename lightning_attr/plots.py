@@ -1,0 +1,53 @@
+"""Figures: attribution heatmaps next to the images they explain."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from torch import Tensor
+
+from lightning_attr.io import atomic_write
+
+__all__ = ["attribution_heatmaps"]
+
+
+def attribution_heatmaps(
+    images: Tensor,
+    attributions: Mapping[str, Tensor],
+    classes: Tensor,
+    grid: tuple[int, int],
+    path: str,
+    mean: float = 0.5,
+    std: float = 0.5,
+    titles: Sequence[str] | None = None,
+) -> str:
+    """Save a PNG: one row per image (N, C, H, W), the image, then one heatmap per method for class ``classes[n]``.
+
+    ``attributions``: method name -> (N, d, K). Each row shares a symmetric colour scale (red +, blue -), so the
+    methods are directly comparable. Written atomically; returns ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, cols = images.shape[0], 1 + len(attributions)
+    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n), squeeze=False)
+    for r in range(n):
+        img = (images[r].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).squeeze(-1)
+        axes[r, 0].imshow(img.numpy(), cmap="gray" if img.dim() == 2 else None)
+        axes[r, 0].set_title(titles[r] if titles else f"class {int(classes[r])}", fontsize=8)
+        maps = {k: v[r, :, int(classes[r])].float().cpu().view(*grid) for k, v in attributions.items()}
+        vmax = max(float(m.abs().max()) for m in maps.values()) or 1.0
+        for c, (name, m) in enumerate(maps.items(), start=1):
+            axes[r, c].imshow(m.numpy(), cmap="bwr", vmin=-vmax, vmax=vmax)
+            if r == 0:
+                axes[r, c].set_title(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

@@ -1,0 +1,68 @@
+"""The shipped configs run through the ``lightning-attr`` LightningCLI (shrunk to tiny models and few steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RESNET, TINY_VIT
+
+from lightning_attr.cli import build_cli
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CALLBACKS = Path(__file__).resolve().parents[1] / "callbacks"
+FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+
+
+def small_data(prefix: str) -> list[str]:
+    return [f"--data.{prefix}image_size", "16", f"--data.{prefix}batch_size", "8"]
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "lightning_attr.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "fit" in out.stdout and "test" in out.stdout and "predict" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "classifier, explainer, kwargs",
+    [("digits_classifier_vit.yaml", "digits_shapley_vit.yaml", TINY_VIT),
+     ("digits_classifier_resnet.yaml", "digits_banzhaf_resnet.yaml", TINY_RESNET)],
+)
+def test_two_stage_configs_fit_and_test(tmp_path, classifier, explainer, kwargs):
+    weights = str(tmp_path / "classifier.safetensors")
+    build_cli(["fit", "--config", str(CONFIGS / classifier), *FAST, *small_data("init_args."),
+               "--model.init_args.image_size", "16", "--model.init_args.model_kwargs", json.dumps(kwargs),
+               "--model.init_args.export_path", weights, "--trainer.default_root_dir", str(tmp_path / "c")])
+    assert os.path.isfile(weights)
+    common = ["--config", str(CONFIGS / explainer), *small_data("init_args.datamodule.init_args."),
+              "--model.init_args.image_size", "16", "--model.init_args.classifier_kwargs", json.dumps(kwargs),
+              "--model.init_args.classifier_weights", weights, "--model.init_args.head_dim", "16",
+              "--data.init_args.test_size", "3", "--data.init_args.cache_dir", str(tmp_path / "cache"),
+              "--trainer.default_root_dir", str(tmp_path / "e")]
+    cli = build_cli(["fit", *common, *FAST, "--trainer.callbacks+=" + str(CALLBACKS / "heatmaps.yaml"),
+                     "--trainer.callbacks.every_n_epochs=1"])
+    assert cli.model.scale > 0
+    assert os.path.isfile(cli.trainer.checkpoint_callback.best_model_path)
+    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    assert {"test/mse", "test/pearson", "test/spearman", "test/sign_agreement"} <= set(metrics)
+    heatmaps = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "AttributionHeatmaps"]
+    assert heatmaps and os.path.isfile(heatmaps[0].paths[-1])
+
+
+def test_lime_config_parses_and_builds(tmp_path):
+    from lightning_attr import create_timm_model
+    from lightning_attr.modules import save_timm_weights
+
+    weights = str(tmp_path / "vit.safetensors")
+    save_timm_weights(create_timm_model("vit_tiny_patch16_224", num_classes=10, **TINY_VIT), weights)
+    cli = build_cli(["--config", str(CONFIGS / "digits_lime_vit.yaml"), "--model.init_args.image_size", "16",
+                     "--model.init_args.classifier_kwargs", json.dumps(TINY_VIT),
+                     "--model.init_args.classifier_weights", weights], run=False)
+    assert cli.datamodule.estimator.name == "lime" and not cli.model.hparams.efficiency
+    assert cli.model(torch.randn(2, 3, 16, 16)).shape == (2, 4, 10)
