@@ -23,6 +23,7 @@ Prints markdown tables; writes ``{out}/amortization.json`` and ``{out}/error_vs_
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -62,7 +63,7 @@ class Settings:
     forward_batch_sizes: tuple[int, ...] = (64, 256, 1024, 4096)
     svs_ppe: tuple[int, ...] = (1, 4, 16, 64)
     kernel_ppe: tuple[int, ...] = (1, 16, 64, 256, 512)
-    kernel_images: int = 32
+    kernel_sweep_images: int = 8
     curve_budgets: tuple[int, ...] = tuple(32 * 2**i for i in range(8))  # 32 .. 4096
     curve_seeds: int = 1
     demo_epochs: tuple[int | None, int | None] = (None, None)
@@ -70,7 +71,7 @@ class Settings:
     @classmethod
     def quick(cls) -> Settings:
         return cls(num_images=8, budget=256, repeats=1, forward_batch_sizes=(256, 1024), svs_ppe=(1, 16),
-                   kernel_ppe=(1, 64, 256), kernel_images=4, curve_budgets=(32, 128, 512), demo_epochs=(5, 5))
+                   kernel_ppe=(1, 64, 256), kernel_sweep_images=2, curve_budgets=(32, 128, 512), demo_epochs=(5, 5))
 
 
 # --------------------------------------------------------------------------------------------------- measurement
@@ -95,44 +96,63 @@ class CountingModule(nn.Module):
 
 
 @dataclass
-class Timing:
-    """Best-of-``repeats`` wall time of one job and what the model saw during that run."""
+class Job:
+    """One timed workload: ``run()`` explains (or just evaluates) ``images`` images through ``counter``.
 
-    seconds: float
-    median_seconds: float
-    evaluations: int
-    model_seconds: float
-    model_calls: int
-    result: Any = field(default=None, repr=False)
-
-    @property
-    def evals_per_second(self) -> float:
-        return self.evaluations / self.seconds
-
-    @property
-    def model_fraction(self) -> float:
-        return self.model_seconds / self.seconds
-
-
-def time_job(job: Callable[[], Any], counter: CountingModule, repeats: int,
-             evaluations: Callable[[], int] | None = None) -> Timing:
-    """Run ``job`` once to warm up, then ``repeats`` times; keep the fastest run.
-
-    ``evaluations`` returns the evaluations of the last run (default: the rows ``counter`` saw).
+    ``evaluations`` (optional) reads an evaluation counter (ours: the game's ``num_evaluations``); otherwise the
+    rows ``counter`` saw are the evaluations. ``result`` keeps the output of the last run.
     """
-    job()
-    runs: list[Timing] = []
-    for _ in range(max(1, repeats)):
-        counter.reset()
-        before = evaluations() if evaluations else 0
+
+    method: str
+    run: Callable[[], Any]
+    counter: CountingModule
+    images: int
+    ppe: int | None = None
+    batch_size: int | None = None
+    evaluations: Callable[[], int] | None = None
+    seconds: list[float] = field(default_factory=list)
+    evals: int = 0
+    model_seconds: float = 0.0
+    model_calls: int = 0
+    result: Any = None
+
+    def time_once(self) -> float:
+        """Run once; record wall time, evaluations and time in the model of this run."""
+        self.counter.reset()
+        before = self.evaluations() if self.evaluations else 0
         start = time.perf_counter()
-        result = job()
+        self.result = self.run()
         seconds = time.perf_counter() - start
-        evals = (evaluations() - before) if evaluations else counter.rows
-        runs.append(Timing(seconds, 0.0, evals, counter.seconds, counter.calls, result))
-    best = min(runs, key=lambda t: t.seconds)
-    best.median_seconds = statistics.median(t.seconds for t in runs)
-    return best
+        evals = (self.evaluations() - before) if self.evaluations else self.counter.rows
+        if not self.seconds or seconds < min(self.seconds):
+            self.evals, self.model_seconds, self.model_calls = evals, self.counter.seconds, self.counter.calls
+        self.seconds.append(seconds)
+        return seconds
+
+    def row(self) -> dict:
+        """Summary of the fastest run (the least disturbed by other load on the machine)."""
+        best = min(self.seconds)
+        row = {"method": self.method, "ppe": self.ppe, "batch_size": self.batch_size, "images": self.images,
+               "evaluations": self.evals, "evals_per_image": self.evals / self.images, "seconds": best,
+               "median_seconds": statistics.median(self.seconds), "runs": len(self.seconds),
+               "evals_per_s": self.evals / best, "model_fraction": self.model_seconds / best,
+               "model_calls": self.model_calls, "counted_rows": self.counter.rows}
+        if isinstance(self.result, Tensor):  # (N, K', d) attributions, K' = 1 or K classes
+            row["classes"] = int(self.result.shape[1])
+            row["attributions_per_s"] = self.images * row["classes"] / best
+        return row
+
+
+def time_rounds(jobs: Sequence[Job], rounds: int) -> None:
+    """Warm every job up once, then time ``rounds`` interleaved rounds (every job once per round).
+
+    Interleaving spreads slow phases of a shared machine evenly over the methods; each job keeps its best run.
+    """
+    for job in jobs:
+        job.run()
+    for _ in range(max(1, rounds)):
+        for job in jobs:
+            job.time_once()
 
 
 def load_now() -> str:
@@ -165,49 +185,39 @@ def patch_feature_mask(grid: tuple[int, int] = (4, 4), patch: int = PATCH_SIZE) 
     return ids.repeat_interleave(patch, 0).repeat_interleave(patch, 1)[None, None]
 
 
-# --------------------------------------------------------------------------------------------------- part 1
-def bench_plain_forward(model: nn.Module, x: Tensor, batch_sizes: Sequence[int], repeats: int) -> list[dict]:
-    """Evaluations per second of ``model(batch)`` (no masking, no softmax) at each batch size."""
-    counter = CountingModule(model)
-    rows = []
+# --------------------------------------------------------------------------------------------------- part 1 jobs
+def forward_jobs(model: nn.Module, x: Tensor, batch_sizes: Sequence[int], rows_per_run: int = 8192) -> list[Job]:
+    """``model(batch)`` (no masking, no softmax) at each batch size, about ``rows_per_run`` rows per timed run."""
+    jobs = []
     for bs in batch_sizes:
+        counter = CountingModule(model)
         batch = x.repeat(math.ceil(bs / len(x)), 1, 1, 1)[:bs].contiguous()
-        reps = max(1, math.ceil(8192 / bs))  # about the same number of rows per timing at every batch size
+        reps = max(1, math.ceil(rows_per_run / bs))
 
         @torch.no_grad()
-        def job() -> None:
+        def run(counter: CountingModule = counter, batch: Tensor = batch, reps: int = reps) -> None:
             for _ in range(reps):
                 counter(batch)
 
-        t = time_job(job, counter, repeats)
-        rows.append({"method": "plain forward", "batch_size": bs, "evaluations": t.evaluations, "seconds": t.seconds,
-                     "median_seconds": t.median_seconds, "evals_per_s": t.evals_per_second})
-    return rows
+        jobs.append(Job("plain forward", run, counter, images=reps * bs, batch_size=bs))
+    return jobs
 
 
-def bench_ours(model: nn.Module, x: Tensor, pred: Tensor, names: Sequence[str], budget: int, repeats: int) -> list[dict]:
-    """Our estimators on all of ``x`` in one call each; evaluations counted by the game, all K classes returned.
-
-    ``pred`` (N,) picks the class whose attributions are kept (``pred_attr``, (N, d)) for the sanity check.
-    """
-    counter = CountingModule(model)
-    game = PatchGame(counter, PATCH_SIZE, (IMAGE_SIZE, IMAGE_SIZE))
-    rows = []
+def our_jobs(model: nn.Module, x: Tensor, names: Sequence[str], budget: int, chunk_size: int | None = None,
+             suffix: str = "") -> list[Job]:
+    """Our estimators on all of ``x`` in one call each; evaluations counted by the game; all K classes returned."""
+    jobs = []
     for name in names:
+        counter = CountingModule(model)
+        game = PatchGame(counter, PATCH_SIZE, (IMAGE_SIZE, IMAGE_SIZE), **({"chunk_size": chunk_size} if chunk_size else {}))
         est = get_estimator(name)
 
-        def job() -> Tensor:
-            return est(game, x, budget, generator=torch.Generator().manual_seed(0))
+        def run(est: Callable = est, game: PatchGame = game) -> Tensor:
+            return est(game, x, budget, generator=torch.Generator().manual_seed(0)).transpose(1, 2)  # (N, K, d)
 
-        t = time_job(job, counter, repeats, evaluations=lambda: game.num_evaluations)
-        k = t.result.shape[-1]
-        rows.append({"method": f"ours: {name}", "ppe": None, "images": len(x), "evaluations": t.evaluations,
-                     "evals_per_image": t.evaluations / len(x), "classes": k, "seconds": t.seconds,
-                     "median_seconds": t.median_seconds, "evals_per_s": t.evals_per_second,
-                     "attributions_per_s": len(x) * k / t.seconds, "model_fraction": t.model_fraction,
-                     "model_calls": t.model_calls, "counted_rows_match": counter.rows == t.evaluations,
-                     "pred_attr": t.result.gather(2, pred[:, None, None].expand(-1, t.result.shape[1], 1))[..., 0]})
-    return rows
+        jobs.append(Job(f"ours: {name}{suffix}", run, counter, images=len(x), batch_size=game.chunk_size,
+                        evaluations=lambda game=game: game.num_evaluations))
+    return jobs
 
 
 def _patch_values(attr: Tensor) -> Tensor:
@@ -215,107 +225,90 @@ def _patch_values(attr: Tensor) -> Tensor:
     return attr[..., 0, ::PATCH_SIZE, ::PATCH_SIZE].flatten(-2)
 
 
-def bench_captum(model: nn.Module, x: Tensor, pred: Tensor, budget: int, svs_ppe: Sequence[int], kernel_ppe: Sequence[int],
-                 kernel_images: int, repeats: int) -> list[dict]:
-    """Captum ShapleyValueSampling (all images in one call) and KernelShap (one image per call, as Captum advises).
-
-    Each at every ``perturbations_per_eval`` given, for the predicted class (``target=pred``) and, where Captum
-    accepts it, for all classes at once (``target=None`` with the (B, K) softmax as a multi-output). Rows keep the
-    predicted class's attributions as ``pred_attr`` (N, d).
-    """
-    import warnings
-
-    from captum.attr import KernelShap, ShapleyValueSampling
+def captum_svs_job(model: nn.Module, x: Tensor, target: Tensor | None, budget: int, ppe: int) -> Job:
+    """Captum ShapleyValueSampling on all of ``x`` in one call (Captum batches examples); ``target=None`` asks for
+    every class at once (a multi-output forward, which Captum 0.9 accepts for this method)."""
+    from captum.attr import ShapleyValueSampling
 
     counter = CountingModule(model)
-    forward = nn.Sequential(counter, nn.Softmax(dim=-1)).eval()
+    svs = ShapleyValueSampling(nn.Sequential(counter, nn.Softmax(dim=-1)).eval())
     mask = patch_feature_mask()
     d = int(mask.max()) + 1
-    rows = []
-    svs = ShapleyValueSampling(forward)
     permutations = max(1, round((budget - 1) / d))  # 1 + d * n_samples evaluations per image
-    for target_mode in ("pred", "all"):
-        target = pred if target_mode == "pred" else None
-        for ppe in svs_ppe:
-            def job() -> Tensor:
-                torch.manual_seed(0)
-                attr = svs.attribute(x, baselines=0.0, target=target, feature_mask=mask, n_samples=permutations,
-                                     perturbations_per_eval=ppe)
-                return _patch_values(attr).view(len(x), -1, d)  # (N, 1 or K, d)
 
-            try:
-                t = time_job(job, counter, repeats)
-            except Exception as err:  # an unsupported combination: record why and go on
-                rows.append({"method": f"captum ShapleyValueSampling (target={target_mode})", "ppe": ppe,
-                             "error": f"{type(err).__name__}: {err}"})
-                continue
-            k = 1 if target_mode == "pred" else NUM_CLASSES
-            rows.append(_captum_row(f"captum ShapleyValueSampling (target={target_mode})", ppe, len(x), k, t,
-                                    _class_of(t.result, pred)))
+    def run() -> Tensor:
+        torch.manual_seed(0)
+        attr = svs.attribute(x, baselines=0.0, target=target, feature_mask=mask, n_samples=permutations,
+                             perturbations_per_eval=ppe)
+        return _patch_values(attr).view(len(x), -1, d)  # (N, 1 or K, d)
 
-    ks = KernelShap(forward)
-    xk = x[:kernel_images]
-    for target_mode in ("pred", "all"):
-        for ppe in kernel_ppe:
-            def job() -> Tensor:
-                torch.manual_seed(0)
-                outs = []
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    for i in range(len(xk)):
-                        target = int(pred[i]) if target_mode == "pred" else None
-                        coefs = ks.attribute(xk[i : i + 1], baselines=0.0, target=target, feature_mask=mask,
-                                             n_samples=budget, perturbations_per_eval=ppe, return_input_shape=False)
-                        outs.append(coefs.reshape(1, -1, d))
-                return torch.cat(outs)  # (N, 1 or K, d)
-
-            try:
-                t = time_job(job, counter, repeats)
-            except Exception as err:
-                rows.append({"method": f"captum KernelShap (target={target_mode})", "ppe": ppe,
-                             "error": f"{type(err).__name__}: {err}"})
-                continue
-            rows.append(_captum_row(f"captum KernelShap (target={target_mode})", ppe, len(xk), t.result.shape[1], t,
-                                    _class_of(t.result, pred[: len(xk)])))
-    return rows
+    mode = "pred" if target is not None else "all"
+    return Job(f"captum ShapleyValueSampling (target={mode})", run, counter, images=len(x), ppe=ppe)
 
 
-def _class_of(attr: Tensor, pred: Tensor) -> Tensor:
-    """(N, 1 or K, d) attributions -> (N, d) of the predicted class (the only one when a single class was explained)."""
-    if attr.shape[1] == 1:
-        return attr[:, 0]
-    return attr.gather(1, pred[:, None, None].expand(-1, 1, attr.shape[2]))[:, 0]
+def captum_kernel_job(model: nn.Module, x: Tensor, target: Tensor | None, budget: int, ppe: int) -> Job:
+    """Captum KernelShap, one image per call (Captum fits one interpretable model per example and advises it)."""
+    import warnings
+
+    from captum.attr import KernelShap
+
+    counter = CountingModule(model)
+    ks = KernelShap(nn.Sequential(counter, nn.Softmax(dim=-1)).eval())
+    mask = patch_feature_mask()
+    d = int(mask.max()) + 1
+
+    def run() -> Tensor:
+        torch.manual_seed(0)
+        outs = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(len(x)):
+                coefs = ks.attribute(x[i : i + 1], baselines=0.0, target=None if target is None else int(target[i]),
+                                     feature_mask=mask, n_samples=budget, perturbations_per_eval=ppe,
+                                     return_input_shape=False)
+                outs.append(coefs.reshape(1, -1, d))
+        return torch.cat(outs)  # (N, 1 or K, d)
+
+    mode = "pred" if target is not None else "all"
+    return Job(f"captum KernelShap (target={mode})", run, counter, images=len(x), ppe=ppe)
 
 
-def _captum_row(method: str, ppe: int, images: int, classes: int, t: Timing, pred_attr: Tensor) -> dict:
-    return {"method": method, "ppe": ppe, "images": images, "evaluations": t.evaluations,
-            "evals_per_image": t.evaluations / images, "classes": classes, "seconds": t.seconds,
-            "median_seconds": t.median_seconds, "evals_per_s": t.evals_per_second,
-            "attributions_per_s": images * classes / t.seconds, "model_fraction": t.model_fraction,
-            "model_calls": t.model_calls, "pred_attr": pred_attr}
+def sweep_captum(model: nn.Module, x: Tensor, pred: Tensor, s: Settings) -> tuple[list[dict], dict[str, int]]:
+    """One timed run of every (Captum method, target mode, ``perturbations_per_eval``); returns rows and best ppe.
+
+    KernelShap sweeps on the first ``s.kernel_sweep_images`` images (it is slow at small ppe); unsupported
+    combinations are recorded with Captum's error message.
+    """
+    rows, best = [], {}
+    makers = [(captum_svs_job, s.svs_ppe, x), (captum_kernel_job, s.kernel_ppe, x[: s.kernel_sweep_images])]
+    for make, ppes, xs in makers:
+        for mode in ("pred", "all"):
+            target = pred[: len(xs)] if mode == "pred" else None
+            for ppe in ppes:
+                job = make(model, xs, target, s.budget, ppe)
+                try:
+                    job.time_once()
+                except Exception as err:  # e.g. KernelShap with a multi-class output
+                    rows.append({"method": job.method, "ppe": ppe, "error": f"{type(err).__name__}: {err}"})
+                    break
+                row = job.row()
+                rows.append(row)
+                if job.method not in best or row["evals_per_s"] > best[job.method][1]:
+                    best[job.method] = (ppe, row["evals_per_s"])
+    return rows, {m: ppe for m, (ppe, _) in best.items()}
 
 
-def profile_estimator(model: nn.Module, x: Tensor, name: str, budget: int, top: int = 12) -> str:
+def profile_estimator(model: nn.Module, x: Tensor, name: str, budget: int, top: int = 15) -> str:
     """torch.profiler table (self CPU time) of one estimator call: where the time goes besides the model."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     game = PatchGame(model, PATCH_SIZE, (IMAGE_SIZE, IMAGE_SIZE))
     est = get_estimator(name)
     est(game, x, budget, generator=torch.Generator().manual_seed(0))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        est(game, x, budget, generator=torch.Generator().manual_seed(0))
+        with record_function(f"estimator {name}"):
+            est(game, x, budget, generator=torch.Generator().manual_seed(0))
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
-
-
-def best_by_method(rows: Sequence[dict]) -> dict[str, dict]:
-    """The fastest (highest evals/s) row of every method (i.e. its best ``perturbations_per_eval``)."""
-    best: dict[str, dict] = {}
-    for r in rows:
-        if "error" in r:
-            continue
-        if r["method"] not in best or r["evals_per_s"] > best[r["method"]]["evals_per_s"]:
-            best[r["method"]] = r
-    return best
 
 
 def throughput_part(s: Settings, weights: str | None, profile_all: bool) -> dict:
@@ -327,49 +320,76 @@ def throughput_part(s: Settings, weights: str | None, profile_all: bool) -> dict
         pred = model(x).argmax(-1)
     load_before = load_now()
     t0 = time.perf_counter()
-    forward_rows = bench_plain_forward(model, x, s.forward_batch_sizes, s.repeats)
-    ours_rows = bench_ours(model, x, pred, OURS, s.budget, s.repeats)
-    label_rows = bench_ours(model, x, pred, ["permutation_shapley"], 32, s.repeats)  # the demo's label setting
-    label_rows[0]["method"] = "ours: permutation_shapley @32 (label setting)"
-    captum_rows = bench_captum(model, x, pred, s.budget, s.svs_ppe, s.kernel_ppe, s.kernel_images, s.repeats)
+    sweep_rows, best_ppe = sweep_captum(model, x, pred, s)
+
+    jobs = forward_jobs(model, x, s.forward_batch_sizes)
+    jobs += our_jobs(model, x, OURS, s.budget)
+    jobs += our_jobs(model, x, ["permutation_shapley"], 32, suffix=" @32 (label setting)")
+    for method, ppe in best_ppe.items():
+        target = None if "target=all" in method else pred
+        maker = captum_svs_job if "ShapleyValueSampling" in method else captum_kernel_job
+        jobs.append(maker(model, x, target, s.budget, ppe))
+    time_rounds(jobs, s.repeats)
+    forward_rows = [j.row() for j in jobs if j.method == "plain forward"]
+    best_forward = max(forward_rows, key=lambda r: r["evals_per_s"])
+    # the game's default chunk (4096 rows per forward) vs the best plain-forward batch size
+    chunk_jobs = []
+    if best_forward["batch_size"] != inspect.signature(PatchGame).parameters["chunk_size"].default:
+        chunk_jobs = our_jobs(model, x, ["permutation_shapley", "kernel_shap"], s.budget,
+                              chunk_size=best_forward["batch_size"], suffix=f" (chunk_size={best_forward['batch_size']})")
+        time_rounds(chunk_jobs, s.repeats)
     seconds = time.perf_counter() - t0
     load_after = load_now()
 
-    best_forward = max(forward_rows, key=lambda r: r["evals_per_s"])
-    best_captum = best_by_method(captum_rows)
-    captum_evals = max(best_captum.values(), key=lambda r: r["evals_per_s"]) if best_captum else None
-    captum_attrs = max(best_captum.values(), key=lambda r: r["attributions_per_s"]) if best_captum else None
+    method_rows = []
+    for j in [*jobs, *chunk_jobs]:
+        if j.method == "plain forward":
+            continue
+        row = j.row()
+        row["pred_attr"] = _class_of(j.result, pred[: j.images])
+        method_rows.append(row)
+    ours_rows = [r for r in method_rows if r["method"].startswith("ours")]
+    captum_rows = [r for r in method_rows if r["method"].startswith("captum")]
+    best_captum_evals = max(captum_rows, key=lambda r: r["evals_per_s"])
+    best_captum_attrs = max(captum_rows, key=lambda r: r["attributions_per_s"])
     ratios = {}
     for r in ours_rows:
+        if "@32" in r["method"]:
+            continue
         ratios[r["method"]] = {
             "vs_best_forward": r["evals_per_s"] / best_forward["evals_per_s"],
-            "vs_best_captum_evals": r["evals_per_s"] / captum_evals["evals_per_s"] if captum_evals else math.nan,
-            "vs_best_captum_attributions": (r["attributions_per_s"] / captum_attrs["attributions_per_s"]
-                                            if captum_attrs else math.nan),
-            "vs_captum_same_target": _same_target_ratio(r, best_captum),
+            "vs_best_captum_evals": r["evals_per_s"] / best_captum_evals["evals_per_s"],
+            "vs_best_captum_attributions": r["attributions_per_s"] / best_captum_attrs["attributions_per_s"],
+            "vs_captum_same_kind": _same_kind_ratio(r, captum_rows),
         }
-    below = [m for m, v in ratios.items()
-             if v["vs_best_forward"] < TARGET_VS_FORWARD or v["vs_best_captum_evals"] < TARGET_VS_CAPTUM]
-    profiles = {}
-    for name in (OURS if profile_all else [m.removeprefix("ours: ") for m in below]):
-        profiles[name] = profile_estimator(model, x, name, s.budget)
+    below = sorted({m.removeprefix("ours: ").split(" ")[0] for m, v in ratios.items()
+                    if v["vs_best_forward"] < TARGET_VS_FORWARD or v["vs_best_captum_evals"] < TARGET_VS_CAPTUM})
+    profiles = {name: profile_estimator(model, x, name, s.budget) for name in (OURS if profile_all else below)}
     return {
         "weights": weights if weights and os.path.isfile(weights) else "random init", "x": x, "pred": pred,
-        "images": len(x), "budget": s.budget, "threads": torch.get_num_threads(),
+        "images": len(x), "budget": s.budget, "threads": torch.get_num_threads(), "rounds": s.repeats,
         "load_before": load_before, "load_after": load_after, "seconds": seconds,
-        "plain_forward": forward_rows, "best_forward": best_forward,
-        "ours": ours_rows + label_rows, "captum": captum_rows,
-        "best_captum": {k: v["ppe"] for k, v in best_captum.items()},
+        "captum_sweep": sweep_rows, "best_captum_ppe": best_ppe,
+        "plain_forward": forward_rows, "best_forward": best_forward, "ours": ours_rows, "captum": captum_rows,
+        "best_captum_evals": best_captum_evals["method"], "best_captum_attributions": best_captum_attrs["method"],
         "ratios": ratios, "below_target": below, "profiles": profiles,
     }
 
 
-def _same_target_ratio(ours: dict, best_captum: dict[str, dict]) -> dict[str, float]:
-    """Ours vs Captum's Shapley estimator of the same kind, in evals/s (permutation vs SVS, kernel vs KernelShap)."""
-    kind = "ShapleyValueSampling" if "permutation" in ours["method"] else "KernelShap" if "kernel" in ours["method"] else None
+def _class_of(attr: Tensor, pred: Tensor) -> Tensor:
+    """(N, 1 or K, d) attributions -> (N, d) of the predicted class (the only one when a single class was explained)."""
+    if attr.shape[1] == 1:
+        return attr[:, 0]
+    return attr.gather(1, pred[:, None, None].expand(-1, 1, attr.shape[2]))[:, 0]
+
+
+def _same_kind_ratio(ours: dict, captum_rows: Sequence[dict]) -> dict[str, float]:
+    """Ours vs Captum's estimator of the same kind, in evals/s (permutation vs SVS, KernelSHAP vs KernelShap)."""
+    m = ours["method"]
+    kind = "ShapleyValueSampling" if "permutation" in m else "KernelShap" if "kernel_shap" in m else None
     if kind is None:
         return {}
-    return {m: ours["evals_per_s"] / r["evals_per_s"] for m, r in best_captum.items() if kind in m}
+    return {r["method"]: ours["evals_per_s"] / r["evals_per_s"] for r in captum_rows if kind in r["method"]}
 
 
 # --------------------------------------------------------------------------------------------------- part 2
@@ -507,34 +527,43 @@ def _fmt(v: float) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.0f}"
 
 
+def _method_line(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['method']} | {r['ppe']} | — | — | — | not accepted ({r['error'][:80]}) | | | |"
+    return (f"| {r['method']} | {r['ppe'] or '—'} | {r['images']} | {r['evals_per_image']:.0f} | {r.get('classes', '—')} | "
+            f"{_fmt(r['evals_per_s'])} | {_fmt(r.get('attributions_per_s', math.nan))} | "
+            f"{100 * r['model_fraction']:.0f}% | {r['seconds']:.3f} / {r['median_seconds']:.3f} ({r['runs']}) |")
+
+
 def throughput_tables(p: dict) -> str:
-    lines = [f"### Oracle throughput (CPU, {p['threads']} threads, {p['images']} images, budget {p['budget']} "
-             f"evaluations/image, weights: {p['weights']})",
-             f"load before: {p['load_before']}; after: {p['load_after']}", "",
-             "| method | batch size | evals/s | seconds (best / median) |", "|---|---:|---:|---:|"]
+    """Markdown tables of part 1: plain forward, Captum ppe sweep, timed methods, ratios, profiles."""
+    head = ("| method | ppe | images | evals/image | classes | evals/s | attributions/s | time in model | "
+            "seconds best / median (runs) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [f"### Oracle throughput (CPU, {p['threads']} threads; {p['images']} images, budget {p['budget']} "
+             f"evaluations per image; weights: {p['weights']})",
+             f"Load average before: {p['load_before']}; after: {p['load_after']}. Best of {p['rounds']} interleaved "
+             "rounds after a warm-up.", "",
+             "| plain forward, batch size | evals/s | seconds best / median (runs) | time in model |",
+             "|---:|---:|---:|---:|"]
     for r in p["plain_forward"]:
-        lines.append(f"| plain forward | {r['batch_size']} | {_fmt(r['evals_per_s'])} | "
-                     f"{r['seconds']:.3f} / {r['median_seconds']:.3f} |")
-    lines += ["", "| method | ppe | images | evals/image | classes | evals/s | attributions/s | time in model | "
-              "seconds (best / median) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in p["ours"] + p["captum"]:
-        if "error" in r:
-            lines.append(f"| {r['method']} | {r['ppe']} | — | — | — | not accepted: {r['error'][:90]} | | | |")
-            continue
-        lines.append(f"| {r['method']} | {r['ppe'] or '—'} | {r['images']} | {r['evals_per_image']:.0f} | "
-                     f"{r['classes']} | {_fmt(r['evals_per_s'])} | {_fmt(r['attributions_per_s'])} | "
-                     f"{100 * r['model_fraction']:.0f}% | {r['seconds']:.3f} / {r['median_seconds']:.3f} |")
-    lines += ["", f"Best plain forward: {_fmt(p['best_forward']['evals_per_s'])} evals/s "
-              f"(batch {p['best_forward']['batch_size']}). Best Captum ppe: {p['best_captum']}.", "",
-              f"| ours | / best plain forward (target >= {TARGET_VS_FORWARD}) | / best Captum evals/s "
-              f"(target >= {TARGET_VS_CAPTUM}) | / best Captum attributions/s | / same-kind Captum (evals/s) |",
+        lines.append(f"| {r['batch_size']} | {_fmt(r['evals_per_s'])} | {r['seconds']:.3f} / {r['median_seconds']:.3f} "
+                     f"({r['runs']}) | {100 * r['model_fraction']:.0f}% |")
+    lines += ["", "Captum `perturbations_per_eval` sweep (one run each; KernelShap on the first images only):", "", head]
+    lines += [_method_line(r) for r in p["captum_sweep"]]
+    lines += ["", "Timed side by side (Captum at its best ppe):", "", head]
+    lines += [_method_line(r) for r in p["ours"] + p["captum"]]
+    lines += ["", f"Best plain forward: {_fmt(p['best_forward']['evals_per_s'])} evals/s (batch "
+              f"{p['best_forward']['batch_size']}). Fastest Captum in evals/s: {p['best_captum_evals']}; in "
+              f"attributions/s: {p['best_captum_attributions']}.", "",
+              f"| ours | / best plain forward (target >= {TARGET_VS_FORWARD}) | / fastest Captum, evals/s "
+              f"(target >= {TARGET_VS_CAPTUM}) | / fastest Captum, attributions/s | / same-kind Captum, evals/s |",
               "|---|---:|---:|---:|---|"]
     for m, v in p["ratios"].items():
-        same = ", ".join(f"{k.removeprefix('captum ')}: {x:.2f}x" for k, x in v["vs_captum_same_target"].items())
+        same = ", ".join(f"{k.removeprefix('captum ')}: {x:.2f}x" for k, x in v["vs_captum_same_kind"].items())
         lines.append(f"| {m} | {v['vs_best_forward']:.2f} | {v['vs_best_captum_evals']:.2f}x | "
                      f"{v['vs_best_captum_attributions']:.1f}x | {same or '—'} |")
     for name, table in p["profiles"].items():
-        lines += ["", f"Profile of {name} (below target):", "```", table, "```"]
+        lines += ["", f"torch.profiler, one call of {name} (self CPU time):", "```", table.rstrip(), "```"]
     return "\n".join(lines)
 
 
