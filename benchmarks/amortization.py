@@ -23,18 +23,21 @@ Prints markdown tables; writes ``{out}/amortization.json`` and ``{out}/error_vs_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 import lightning_attr
@@ -59,19 +62,20 @@ class Settings:
 
     num_images: int = 32
     budget: int = 512
-    repeats: int = 3
+    repeats: int = 5
     forward_batch_sizes: tuple[int, ...] = (64, 256, 1024, 4096)
     svs_ppe: tuple[int, ...] = (1, 4, 16, 64)
     kernel_ppe: tuple[int, ...] = (1, 16, 64, 256, 512)
     kernel_sweep_images: int = 8
     curve_budgets: tuple[int, ...] = tuple(32 * 2**i for i in range(8))  # 32 .. 4096
-    curve_seeds: int = 1
+    curve_seeds: int = 2
     demo_epochs: tuple[int | None, int | None] = (None, None)
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(num_images=8, budget=256, repeats=1, forward_batch_sizes=(256, 1024), svs_ppe=(1, 16),
-                   kernel_ppe=(1, 64, 256), kernel_sweep_images=2, curve_budgets=(32, 128, 512), demo_epochs=(5, 5))
+                   kernel_ppe=(1, 64, 256), kernel_sweep_images=2, curve_budgets=(32, 128, 512), curve_seeds=1,
+                   demo_epochs=(5, 5))
 
 
 # --------------------------------------------------------------------------------------------------- measurement
@@ -150,9 +154,19 @@ def time_rounds(jobs: Sequence[Job], rounds: int) -> None:
     """
     for job in jobs:
         job.run()
-    for _ in range(max(1, rounds)):
+    for r in range(max(1, rounds)):
         for job in jobs:
             job.time_once()
+        log(f"round {r + 1}/{rounds} of {len(jobs)} jobs done")
+
+
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (elapsed seconds since start, load average)."""
+    print(f"[bench {time.perf_counter() - _START:6.0f}s load {os.getloadavg()[0]:.1f}] {message}", file=sys.stderr,
+          flush=True)
 
 
 def load_now() -> str:
@@ -293,22 +307,70 @@ def sweep_captum(model: nn.Module, x: Tensor, pred: Tensor, s: Settings) -> tupl
                     break
                 row = job.row()
                 rows.append(row)
+                log(f"sweep {job.method} ppe={ppe}: {row['evals_per_s']:,.0f} evals/s")
                 if job.method not in best or row["evals_per_s"] > best[job.method][1]:
                     best[job.method] = (ppe, row["evals_per_s"])
     return rows, {m: ppe for m, (ppe, _) in best.items()}
 
 
+class _Labelled(nn.Module):
+    """Runs ``model`` inside a named ``torch.profiler.record_function`` range (the profile shows its total)."""
+
+    def __init__(self, model: nn.Module, label: str) -> None:
+        super().__init__()
+        self.model, self.label = model, label
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.profiler import record_function
+
+        with record_function(self.label):
+            return self.model(x)
+
+
 def profile_estimator(model: nn.Module, x: Tensor, name: str, budget: int, top: int = 15) -> str:
-    """torch.profiler table (self CPU time) of one estimator call: where the time goes besides the model."""
+    """torch.profiler table (self CPU time) of one estimator call: where the time goes besides the model.
+
+    The rows ``estimator call`` and ``model forward`` (CPU total) split the call into model and everything else
+    (masking, sampling, the estimator's own algebra).
+    """
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    game = PatchGame(model, PATCH_SIZE, (IMAGE_SIZE, IMAGE_SIZE))
+    game = PatchGame(_Labelled(model, "model forward"), PATCH_SIZE, (IMAGE_SIZE, IMAGE_SIZE))
     est = get_estimator(name)
     est(game, x, budget, generator=torch.Generator().manual_seed(0))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        with record_function(f"estimator {name}"):
+        with record_function(f"estimator call ({name})"):
             est(game, x, budget, generator=torch.Generator().manual_seed(0))
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    events = prof.key_averages()
+    totals = {e.key: e.cpu_time_total for e in events}
+    call, model_total = totals.get(f"estimator call ({name})", math.nan), totals.get("model forward", math.nan)
+    head = (f"estimator call {call / 1e3:.0f} ms, of which model forward {model_total / 1e3:.0f} ms "
+            f"({100 * model_total / call:.0f}%); the rest is masking, sampling and estimator algebra.\n")
+    return head + events.table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+class _NoModel(nn.Module):
+    """Stands in for the classifier: returns zeros, so a game call costs only masking, sampling and algebra."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.new_zeros(x.shape[0], NUM_CLASSES)
+
+
+def overhead_rows(x: Tensor, names: Sequence[str], budget: int, chunk_sizes: Sequence[int], repeats: int) -> list[dict]:
+    """Seconds per estimator call with a no-op model: the cost of everything but the model, per game chunk size."""
+    rows = []
+    for chunk in chunk_sizes:
+        game = PatchGame(_NoModel(), PATCH_SIZE, (IMAGE_SIZE, IMAGE_SIZE), chunk_size=chunk)
+        for name in names:
+            est = get_estimator(name)
+            est(game, x, budget)
+            times = []
+            for _ in range(max(3, repeats)):
+                start = time.perf_counter()
+                est(game, x, budget, generator=torch.Generator().manual_seed(0))
+                times.append(time.perf_counter() - start)
+            rows.append({"method": name, "chunk_size": chunk, "seconds": min(times)})
+    return rows
 
 
 def throughput_part(s: Settings, weights: str | None, profile_all: bool) -> dict:
@@ -325,6 +387,10 @@ def throughput_part(s: Settings, weights: str | None, profile_all: bool) -> dict
     jobs = forward_jobs(model, x, s.forward_batch_sizes)
     jobs += our_jobs(model, x, OURS, s.budget)
     jobs += our_jobs(model, x, ["permutation_shapley"], 32, suffix=" @32 (label setting)")
+    default_chunk = inspect.signature(PatchGame).parameters["chunk_size"].default
+    for bs in s.forward_batch_sizes:  # the game's chunk (rows per forward) at every plain-forward batch size
+        if bs != default_chunk:
+            jobs += our_jobs(model, x, ["permutation_shapley"], s.budget, chunk_size=bs, suffix=f" (chunk_size={bs})")
     for method, ppe in best_ppe.items():
         target = None if "target=all" in method else pred
         maker = captum_svs_job if "ShapleyValueSampling" in method else captum_kernel_job
@@ -332,17 +398,13 @@ def throughput_part(s: Settings, weights: str | None, profile_all: bool) -> dict
     time_rounds(jobs, s.repeats)
     forward_rows = [j.row() for j in jobs if j.method == "plain forward"]
     best_forward = max(forward_rows, key=lambda r: r["evals_per_s"])
-    # the game's default chunk (4096 rows per forward) vs the best plain-forward batch size
-    chunk_jobs = []
-    if best_forward["batch_size"] != inspect.signature(PatchGame).parameters["chunk_size"].default:
-        chunk_jobs = our_jobs(model, x, ["permutation_shapley", "kernel_shap"], s.budget,
-                              chunk_size=best_forward["batch_size"], suffix=f" (chunk_size={best_forward['batch_size']})")
-        time_rounds(chunk_jobs, s.repeats)
+    overhead = overhead_rows(x, ["permutation_shapley", "kernel_shap"], s.budget,
+                             sorted({default_chunk, *s.forward_batch_sizes}, reverse=True), s.repeats)
     seconds = time.perf_counter() - t0
     load_after = load_now()
 
     method_rows = []
-    for j in [*jobs, *chunk_jobs]:
+    for j in jobs:
         if j.method == "plain forward":
             continue
         row = j.row()
@@ -362,8 +424,9 @@ def throughput_part(s: Settings, weights: str | None, profile_all: bool) -> dict
             "vs_best_captum_attributions": r["attributions_per_s"] / best_captum_attrs["attributions_per_s"],
             "vs_captum_same_kind": _same_kind_ratio(r, captum_rows),
         }
-    below = sorted({m.removeprefix("ours: ").split(" ")[0] for m, v in ratios.items()
-                    if v["vs_best_forward"] < TARGET_VS_FORWARD or v["vs_best_captum_evals"] < TARGET_VS_CAPTUM})
+    below = sorted(m.removeprefix("ours: ") for m, v in ratios.items() if "chunk_size" not in m
+                   and (v["vs_best_forward"] < TARGET_VS_FORWARD or v["vs_best_captum_evals"] < TARGET_VS_CAPTUM))
+    log("profiling" if below or profile_all else "all estimators at target; no profile needed")
     profiles = {name: profile_estimator(model, x, name, s.budget) for name in (OURS if profile_all else below)}
     return {
         "weights": weights if weights and os.path.isfile(weights) else "random init", "x": x, "pred": pred,
@@ -372,7 +435,7 @@ def throughput_part(s: Settings, weights: str | None, profile_all: bool) -> dict
         "captum_sweep": sweep_rows, "best_captum_ppe": best_ppe,
         "plain_forward": forward_rows, "best_forward": best_forward, "ours": ours_rows, "captum": captum_rows,
         "best_captum_evals": best_captum_evals["method"], "best_captum_attributions": best_captum_attrs["method"],
-        "ratios": ratios, "below_target": below, "profiles": profiles,
+        "ratios": ratios, "below_target": below, "profiles": profiles, "overhead": overhead,
     }
 
 
@@ -393,27 +456,88 @@ def _same_kind_ratio(ours: dict, captum_rows: Sequence[dict]) -> dict[str, float
 
 
 # --------------------------------------------------------------------------------------------------- part 2
-def ensure_demo(demo_out: str, epochs: tuple[int | None, int | None]) -> dict:
-    """``{demo_out}/results.json``, running the demo (classifier + explainer stages) first when it is missing."""
+def ensure_demo(demo_out: str, epochs: tuple[int | None, int | None], rerun: bool = False) -> dict:
+    """``{demo_out}/results.json``, running the demo (classifier + explainer stages) first when it is missing
+    (or always, with ``rerun``)."""
     path = os.path.join(demo_out, "results.json")
-    if not os.path.isfile(path):
+    if rerun or not os.path.isfile(path):
         from lightning_attr.demo import run
 
-        print(f"[bench] {path} missing: running the demo into {demo_out} (minutes) ...", flush=True)
+        log(f"{'rerunning' if rerun else path + ' missing: running'} the demo into {demo_out} (minutes) ...")
         run(demo_out, *epochs)
     with open(path) as f:
         return json.load(f)
+
+
+@contextlib.contextmanager
+def _cli_argv() -> Any:
+    """Hide this script's own arguments from LightningCLI while it parses the list it is given."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def oracle_datamodule(demo_out: str):
     """The explainer config's OracleDataModule (through the CLI parser), with the demo's label / exact cache."""
     from lightning_attr.cli import build_cli
 
-    cli = build_cli(["--config", str(CONFIG), "--model.init_args.classifier_weights",
-                     os.path.join(demo_out, "classifier_vit.safetensors"),
-                     "--data.init_args.cache_dir", os.path.join(demo_out, "oracle_cache"),
-                     "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"], run=False)
+    with _cli_argv():
+        cli = build_cli(["--config", str(CONFIG), "--model.init_args.classifier_weights",
+                         os.path.join(demo_out, "classifier_vit.safetensors"),
+                         "--data.init_args.cache_dir", os.path.join(demo_out, "oracle_cache"),
+                         "--trainer.logger", "false"], run=False)
     return cli.datamodule
+
+
+class _EpochClock(Callback):
+    """Lightning callback recording when every training epoch starts and when fit ends."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.end = math.nan
+
+    def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_fit_end(self, trainer: Any, module: Any) -> None:
+        self.end = time.perf_counter()
+
+    def epoch_seconds(self) -> list[float]:
+        """Duration of each epoch (training + its validation), start to next start."""
+        marks = [*self.starts, self.end]
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def time_training_epochs(demo_out: str, epochs: int = 3) -> dict:
+    """Re-time the explainer stage's epochs now (same config, cached labels, a temporary log folder).
+
+    The demo's own stage time depends on the load while it ran; this measures an epoch (training + validation,
+    Lightning included, no label computation: the fixed labels come from the demo's cache) under the same
+    conditions as the throughput numbers. Epoch 0 (label cache load, warm-up) is reported but not used.
+    """
+    import tempfile
+
+    from lightning_attr.cli import build_cli
+
+    clock = _EpochClock()
+    with tempfile.TemporaryDirectory() as tmp:
+        with _cli_argv():
+            cli = build_cli(["--config", str(CONFIG), "--model.init_args.classifier_weights",
+                             os.path.join(demo_out, "classifier_vit.safetensors"),
+                             "--data.init_args.cache_dir", os.path.join(demo_out, "oracle_cache"),
+                             "--trainer.default_root_dir", tmp, "--trainer.max_epochs", str(epochs),
+                             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                             "--trainer.logger", "false"], run=False)
+        cli.trainer.callbacks.append(clock)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        label_evals = sum(cli.datamodule.evaluations.values())
+    per_epoch = clock.epoch_seconds()
+    steady = per_epoch[1:] or per_epoch
+    return {"epoch_seconds": per_epoch, "seconds_per_epoch": statistics.median(steady),
+            "labels_recomputed_evaluations": label_evals}
 
 
 def counted_evaluations(game: PatchGame, x: Tensor, name: str, budget: int) -> int:
@@ -425,12 +549,16 @@ def counted_evaluations(game: PatchGame, x: Tensor, name: str, budget: int) -> i
 
 def error_part(s: Settings, demo_out: str, oracle_rate: float | None, part1: dict | None) -> dict:
     """Part 2: per-example MSE curves vs the amortized explainer; compute accounting and equal-error ratios."""
-    demo = ensure_demo(demo_out, s.demo_epochs)
+    demo = ensure_demo(demo_out, s.demo_epochs)  # main() has already (re)run it when asked
     t0 = time.perf_counter()
     ckpt = demo["checkpoint"]
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"Explainer checkpoint {ckpt!r} named in {demo_out}/results.json does not exist.")
-    explainer = lightning_attr.AmortizedExplainer.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    try:
+        explainer = lightning_attr.AmortizedExplainer.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    except RuntimeError as err:  # e.g. a checkpoint written before the explainer's architecture changed
+        raise RuntimeError(f"Explainer checkpoint {ckpt!r} does not fit the installed lightning_attr "
+                           f"({str(err).splitlines()[0]} ...). Rerun the demo: add --rerun-demo.") from err
     game = explainer.game
     dm = oracle_datamodule(demo_out)
     x, exact = dm.ground_truth(game, "cpu")
@@ -449,28 +577,30 @@ def error_part(s: Settings, demo_out: str, oracle_rate: float | None, part1: dic
                                                                  seed=seed + 1, progress=False)]
     curve = _mean_over_seeds(curve)
 
-    stage_seconds = float(demo["seconds"]["explainer"])  # labels + training + validation of the explainer stage
-    label_seconds = label_evaluations / oracle_rate if oracle_rate else math.nan
-    train_seconds = max(stage_seconds - label_seconds, 0.0) if oracle_rate else stage_seconds
-    to_evals = oracle_rate or math.nan  # one second of CPU = this many game evaluations (measured in part 1)
-    train_equiv = train_seconds * to_evals
-    infer_per_example = amortized["evals_per_example"] + amortized["seconds"] / n_test * to_evals
-    fixed = label_evaluations + train_equiv
+    rate = oracle_rate or oracle_rate_now(game, x)  # evaluations per second: converts seconds into evaluations
+    clock = time_training_epochs(demo_out)
+    epochs_run, best_epoch = explainer_epochs(ckpt)
+    train_spent = clock["seconds_per_epoch"] * epochs_run
+    train_to_best = clock["seconds_per_epoch"] * (best_epoch + 1)
+    infer_per_example = max(amortized["evals_per_example"], amortized["seconds"] / n_test * rate)
+    fixed = label_evaluations + train_spent * rate
+    fixed_to_best = label_evaluations + train_to_best * rate
 
     summary: dict[str, Any] = {}
     for m in CURVE_METHODS:
         rows = [r for r in curve if r["method"] == m]
         need = equal_error_budget(rows, amortized["mse"])
         at_label = next((r for r in rows if r["budget"] == label_budget), None)
-        break_even = fixed / (need - infer_per_example) if need > infer_per_example else math.inf
         summary[m] = {
             "equal_error_evals_per_example": need,
             "equal_error_ratio_vs_label_budget": need / label_budget,
-            "extrapolated": need > max(r["evals_per_example"] for r in rows),
+            "extrapolated": need > max(r["evals_per_example"] for r in rows) or need < min(r["evals_per_example"] for r in rows),
             "mse_at_label_budget": at_label["mse"] if at_label else math.nan,
             "mse_ratio_at_label_budget": at_label["mse"] / amortized["mse"] if at_label else math.nan,
-            "break_even_examples": break_even,
-            "compute_ratio_at_n_test": need * n_test / (fixed + infer_per_example * n_test),
+            "break_even_examples_labels_only": _break_even(label_evaluations, need, amortized["evals_per_example"]),
+            "break_even_examples": _break_even(fixed, need, infer_per_example),
+            "break_even_examples_to_best_epoch": _break_even(fixed_to_best, need, infer_per_example),
+            "compute_ratio_at_n_all_labels_only": need * n_all / (label_evaluations + amortized["evals_per_example"] * n_all),
             "compute_ratio_at_n_all": need * n_all / (fixed + infer_per_example * n_all),
         }
     fidelity = _throughput_fidelity(part1, x, exact)
@@ -478,13 +608,46 @@ def error_part(s: Settings, demo_out: str, oracle_rate: float | None, part1: dic
         "demo_out": demo_out, "checkpoint": ckpt, "label_estimator": label_name,
         "label_budget": label_budget, "val_budget": val_budget, "evals_per_train_label": train_evals,
         "evals_per_val_label": val_evals, "n_train": n_train, "n_val": n_val, "n_test": n_test, "n_all": n_all,
-        "label_evaluations": label_evaluations, "explainer_stage_seconds": stage_seconds,
-        "label_seconds_estimated": label_seconds, "train_seconds_estimated": train_seconds,
-        "oracle_evals_per_s": oracle_rate, "train_evaluation_equivalents": train_equiv,
-        "amortized_fixed_compute_evals": fixed, "amortized_inference_evals_per_example": infer_per_example,
+        "label_evaluations": label_evaluations, "oracle_evals_per_s": rate,
+        "demo_explainer_stage_seconds": float(demo["seconds"]["explainer"]),
+        "epochs_run": epochs_run, "best_epoch": best_epoch, "training_clock": clock,
+        "train_seconds_spent": train_spent, "train_seconds_to_best": train_to_best,
+        "train_evaluation_equivalents": train_spent * rate,
+        "amortized_fixed_compute_evals": fixed, "amortized_fixed_compute_to_best_evals": fixed_to_best,
+        "amortized_inference_evals_per_example": infer_per_example,
         "amortized": amortized, "curve": curve, "summary": summary, "budget_fidelity": fidelity,
         "demo_test_metrics": demo.get("test_metrics"), "seconds": time.perf_counter() - t0, "load": load_now(),
     }
+
+
+def _break_even(fixed: float, per_example_method: float, per_example_amortized: float) -> float:
+    """Number of explained examples from which the amortized approach costs less in total."""
+    gain = per_example_method - per_example_amortized
+    return fixed / gain if gain > 0 else math.inf
+
+
+def oracle_rate_now(game: PatchGame, x: Tensor, budget: int = 512) -> float:
+    """Evaluations per second of ``permutation_shapley`` on ``x`` (when part 1 did not run): best of 3."""
+    est = get_estimator("permutation_shapley")
+    best = math.inf
+    for _ in range(4):
+        before, start = game.num_evaluations, time.perf_counter()
+        est(game, x[:32], budget, generator=torch.Generator().manual_seed(0))
+        best = min(best, time.perf_counter() - start)
+    return (game.num_evaluations - before) / best
+
+
+def explainer_epochs(ckpt: str) -> tuple[int, int]:
+    """(epochs the explainer stage ran, epoch of the best checkpoint) from the run's config.yaml and the checkpoint."""
+    import yaml
+
+    best_epoch = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"])
+    for config in (Path(ckpt).parents[1] / "config.yaml", CONFIG):
+        if config.is_file():
+            epochs = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("max_epochs")
+            if epochs:
+                return int(epochs), best_epoch
+    return best_epoch + 1, best_epoch
 
 
 def _mean_over_seeds(rows: list[dict]) -> list[dict]:
@@ -499,7 +662,7 @@ def _mean_over_seeds(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _throughput_fidelity(part1: dict | None, x: Tensor, exact: Tensor) -> dict[str, float]:
+def _throughput_fidelity(part1: dict | None, x: Tensor, exact: Tensor) -> dict[str, dict]:
     """MSE vs exact (predicted class only) of every part-1 run, when part 1 explained the same images and model.
 
     A sanity check that ours and Captum estimate the same game: at equal budget the two permutation samplers
@@ -510,15 +673,17 @@ def _throughput_fidelity(part1: dict | None, x: Tensor, exact: Tensor) -> dict[s
     out = {}
     for r in part1["ours"] + part1["captum"]:
         p = r.get("pred_attr")
-        if p is None:
-            continue
+        name = r["method"].removeprefix("ours: ").split(" ")[0]
+        if p is None or (r["method"].startswith("ours") and get_estimator(name).target != "shapley"):
+            continue  # e.g. Banzhaf values: a different target than the exact Shapley values
         n = p.shape[0]
         if n > len(x) or not torch.equal(part1["x"][:n], x[:n]):
             continue
         pred = part1["pred"][:n]
         ex = exact[:n].gather(2, pred[:, None, None].expand(-1, exact.shape[1], 1))[..., 0]  # (n, d)
-        label = r["method"] + (f" ppe={r['ppe']}" if r.get("ppe") else "") + f" ({n} images)"
-        out[label] = float((p.double() - ex.double()).pow(2).mean())
+        label = r["method"] + (f" ppe={r['ppe']}" if r.get("ppe") else "")
+        out[label] = {"images": n, "evals_per_image": r["evals_per_image"],
+                      "mse": float((p.double() - ex.double()).pow(2).mean())}
     return out
 
 
@@ -562,43 +727,65 @@ def throughput_tables(p: dict) -> str:
         same = ", ".join(f"{k.removeprefix('captum ')}: {x:.2f}x" for k, x in v["vs_captum_same_kind"].items())
         lines.append(f"| {m} | {v['vs_best_forward']:.2f} | {v['vs_best_captum_evals']:.2f}x | "
                      f"{v['vs_best_captum_attributions']:.1f}x | {same or '—'} |")
+    if p.get("overhead"):
+        by_method = {r["method"]: r for r in p["ours"]}
+        lines += ["", "Everything but the model: one call with a no-op model (masking, sampling, estimator algebra), "
+                  "by the game's `chunk_size`:", "", "| estimator | chunk_size | seconds per call (no-op model) | "
+                  "share of the real call at the default chunk |", "|---|---:|---:|---:|"]
+        for r in p["overhead"]:
+            real = by_method.get(f"ours: {r['method']}")
+            share = f"{100 * r['seconds'] / real['seconds']:.0f}%" if real else "—"
+            lines.append(f"| {r['method']} | {r['chunk_size']} | {r['seconds']:.3f} | {share} |")
     for name, table in p["profiles"].items():
         lines += ["", f"torch.profiler, one call of {name} (self CPU time):", "```", table.rstrip(), "```"]
     return "\n".join(lines)
 
 
 def error_tables(e: dict) -> str:
-    a = e["amortized"]
+    """Markdown tables of part 2: error per method and budget, compute accounting, equal-error ratios."""
+    a, c = e["amortized"], e["training_clock"]
     lines = [f"### Error vs compute ({e['n_test']} test images, exact Shapley from 2^16 coalitions; "
              f"labels: {e['label_estimator']} @ {e['label_budget']}, {e['n_train']} train + {e['n_val']} val images)",
-             f"load: {e['load']}", "",
+             f"Load average: {e['load']}", "",
              "| method | evals / example | MSE vs exact | Pearson | Spearman | sign agree | seconds |",
              "|---|---:|---:|---:|---:|---:|---:|",
-             f"| amortized (label budget {e['label_budget']}) | {a['evals_per_example']:.0f} (+ explainer forward) | "
+             f"| amortized (label budget {e['label_budget']}) | {a['evals_per_example']:.0f} + explainer forward | "
              f"{a['mse']:.3e} | {a['pearson']:.3f} | {a['spearman']:.3f} | {a['sign_agreement']:.3f} | "
              f"{a['seconds']:.2f} |"]
     for r in sorted(e["curve"], key=lambda r: (r["method"], r["budget"])):
         lines.append(f"| {r['method']} | {r['evals_per_example']:.0f} | {r['mse']:.3e} | {r['pearson']:.3f} | "
                      f"{r['spearman']:.3f} | {r['sign_agreement']:.3f} | {r['seconds']:.2f} |")
-    lines += ["", "Compute of the amortized approach: "
-              f"labels {e['label_evaluations']:,} evaluations ({e['n_train']} x {e['evals_per_train_label']} + "
-              f"{e['n_val']} x {e['evals_per_val_label']}); explainer stage {e['explainer_stage_seconds']:.0f} s "
-              f"(of which ~{e['label_seconds_estimated']:.0f} s labels, ~{e['train_seconds_estimated']:.0f} s "
-              f"training/validation = {_fmt(e['train_evaluation_equivalents'])} evaluation-equivalents at "
-              f"{_fmt(e['oracle_evals_per_s'])} evals/s); fixed total {_fmt(e['amortized_fixed_compute_evals'])} "
-              f"evaluation-equivalents, then {e['amortized_inference_evals_per_example']:.1f} per explained example.",
+    rate = e["oracle_evals_per_s"]
+    lines += ["", "Compute of the amortized approach (seconds converted at the measured oracle rate of "
+              f"{_fmt(rate)} evaluations/s):", "",
+              "| item | seconds | evaluations (or equivalents) |", "|---|---:|---:|",
+              f"| labels: {e['n_train']} x {e['evals_per_train_label']} + {e['n_val']} x {e['evals_per_val_label']} | "
+              f"{e['label_evaluations'] / rate:.1f} | {e['label_evaluations']:,} |",
+              f"| training + validation, {e['epochs_run']} epochs x {c['seconds_per_epoch']:.2f} s (re-timed now) | "
+              f"{e['train_seconds_spent']:.0f} | {_fmt(e['train_evaluation_equivalents'])} |",
+              f"| ... up to the best checkpoint only (epoch {e['best_epoch'] + 1}) | {e['train_seconds_to_best']:.0f} | "
+              f"{_fmt(e['train_seconds_to_best'] * rate)} |",
+              f"| total fixed cost (labels + all epochs) | {e['amortized_fixed_compute_evals'] / rate:.0f} | "
+              f"{_fmt(e['amortized_fixed_compute_evals'])} |",
+              f"| per explained example (v(empty), v(all) + explainer forward) | "
+              f"{e['amortized_inference_evals_per_example'] / rate * 1e3:.2f} ms | "
+              f"{e['amortized_inference_evals_per_example']:.1f} |",
+              f"| (the demo's logged explainer stage, under its own load) | {e['demo_explainer_stage_seconds']:.0f} | |",
               "", "| per-example method | evals/example to match amortized MSE | equal-error ratio (/ label budget) | "
-              "MSE ratio at label budget | break-even #examples | compute ratio at n_test | compute ratio at all "
-              f"{e['n_all']} images |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "MSE ratio at the label budget | break-even #examples: labels only / + training (all epochs) / "
+              f"+ training to best epoch | compute ratio on all {e['n_all']} images: labels only / + training |",
+              "|---|---:|---:|---:|---:|---:|"]
     for m, v in e["summary"].items():
-        lines.append(f"| {m} | {_fmt(v['equal_error_evals_per_example'])}{' (extrapolated)' if v['extrapolated'] else ''}"
-                     f" | {v['equal_error_ratio_vs_label_budget']:.1f}x | {v['mse_ratio_at_label_budget']:.2f}x | "
-                     f"{_fmt(v['break_even_examples'])} | {v['compute_ratio_at_n_test']:.2f}x | "
-                     f"{v['compute_ratio_at_n_all']:.2f}x |")
+        lines.append(f"| {m} | {v['equal_error_evals_per_example']:.0f}{' (extrapolated)' if v['extrapolated'] else ''}"
+                     f" | {v['equal_error_ratio_vs_label_budget']:.2f}x | {v['mse_ratio_at_label_budget']:.2f}x | "
+                     f"{_fmt(v['break_even_examples_labels_only'])} / {_fmt(v['break_even_examples'])} / "
+                     f"{_fmt(v['break_even_examples_to_best_epoch'])} | {v['compute_ratio_at_n_all_labels_only']:.2f}x / "
+                     f"{v['compute_ratio_at_n_all']:.3f}x |")
     if e["budget_fidelity"]:
-        lines += ["", "Sanity check, part-1 runs at the part-1 budget vs exact (predicted class only):", "",
-                  "| run | MSE vs exact |", "|---|---:|"]
-        lines += [f"| {k} | {v:.3e} |" for k, v in e["budget_fidelity"].items()]
+        lines += ["", "Sanity check: the Shapley runs of part 1 vs exact Shapley values (predicted class only; same "
+                  "images and model):", "", "| run | images | evals / image | MSE vs exact |", "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v['images']} | {v['evals_per_image']:.0f} | {v['mse']:.3e} |"
+                  for k, v in e["budget_fidelity"].items()]
     return "\n".join(lines)
 
 
@@ -621,8 +808,10 @@ def plot_error_vs_compute(e: dict, path: str) -> str:
     if math.isfinite(per_example_total):
         ax.scatter([per_example_total], [a["mse"]], marker="*", s=220, facecolors="none", edgecolors="crimson",
                    zorder=5, label=f"amortized, all compute incl. training / {e['n_all']} images")
-    ax.set_xscale("log")
+    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("game evaluations per example")
     ax.set_ylabel("MSE vs exact Shapley")
     ax.set_title(f"Digits ViT, 16 patches: error vs compute ({e['n_test']} test images)")
@@ -654,6 +843,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="demo artifacts folder (default: artifacts/demo; with --quick: {out}/demo_quick if "
                              "artifacts/demo has no results.json)")
     parser.add_argument("--quick", action="store_true", help="smaller run: fewer images, budgets and repeats")
+    parser.add_argument("--rerun-demo", action="store_true",
+                        help="run the demo again even if {demo-out}/results.json exists (e.g. after library changes)")
     parser.add_argument("--parts", default="throughput,error", help="comma-separated: throughput, error")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--profile", action="store_true", help="profile every estimator, not only those below target")
@@ -669,7 +860,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results: dict[str, Any] = {"settings": asdict(s), "quick": a.quick, "demo_out": demo_out,
                                "torch": torch.__version__, "platform": platform.platform(), "load_start": load_now()}
     if "error" in parts:  # train the demo first, so the throughput part explains the trained classifier
-        ensure_demo(demo_out, s.demo_epochs)
+        log(f"demo artifacts: {demo_out}")
+        demo_start = time.perf_counter()
+        ensure_demo(demo_out, s.demo_epochs, rerun=a.rerun_demo)
+        results["demo_seconds_this_run"] = time.perf_counter() - demo_start
         torch.set_num_threads(a.threads)
     weights = os.path.join(demo_out, "classifier_vit.safetensors")
 

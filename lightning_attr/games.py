@@ -63,7 +63,7 @@ class PatchGame(nn.Module):
         image_size: tuple[int, int],
         baseline: float | Tensor = 0.0,
         output: Output = "probs",
-        chunk_size: int = 4096,
+        chunk_size: int = 256,
         max_memory_mb: float = 512.0,
     ) -> None:
         super().__init__()

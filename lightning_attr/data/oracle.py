@@ -41,8 +41,8 @@ class OracleDataModule(L.LightningDataModule):
       ``fixed`` (one draw per example, cached on disk and reused), ``fresh`` (a new draw every epoch) or
       ``running_mean`` (the mean of all draws so far, one more each epoch).
     * val: ``labels`` (B, d, K), an *independent* fixed draw with ``val_num_samples`` (model selection).
-    * test / predict: ``exact`` (B, d, K) exact values of the estimator's target by enumeration (when ``d <= 20``;
-      cached on disk).
+    * test: ``exact`` (B, d, K) exact values of the estimator's target by enumeration (when ``d <= 20``;
+      cached on disk). Predict batches get nothing: the explainer alone answers them.
 
     Args:
         datamodule: the image data.
@@ -177,7 +177,7 @@ class OracleDataModule(L.LightningDataModule):
             store = self._store("val", "fixed", game)
             labels = self._cached(store, index, lambda m: self._draw(game, x[m], index[m], "val", 0, self.val_num_samples))
             batch["labels"] = labels.to(x.device)
-        elif stage in (RunningStage.TESTING, RunningStage.PREDICTING):
+        elif stage == RunningStage.TESTING:
             game = self._game()
             if game.num_players <= MAX_EXACT_PLAYERS:
                 store = self._store("test", "exact", game)
@@ -210,7 +210,6 @@ class OracleDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key, state in state_dict.items():
-            split, kind = key.split("-", 1)
-            store = LabelStore(len(self.datamodule.splits[split]) if self.datamodule.splits else 0)
+            store = LabelStore(len(state["count"]))
             store.load_state_dict(state)
             self.stores[key] = store

@@ -32,6 +32,8 @@ class AmortizedExplainer(L.LightningModule):
         backbone / backbone_weights / backbone_kwargs: the frozen feature extractor (defaults: the classifier's).
         num_classes: K. image_size / patch_size / baseline / output: the game (players = patches).
         head: ``"transformer"`` (default; attends over patches and the prediction) or ``"mlp"`` (per patch).
+        pixel_features: also give the head each patch's raw pixels (concatenated to its backbone feature); the
+            final-layer tokens of a classifier are mixed across patches and tuned to the label, the pixels are not.
         head_dim / head_depth / head_heads / dropout: head size.
         target_scale: labels and outputs are divided by it inside the loss; ``None`` sets it once from the first
             training batch (RMS of the labels) and stores it in the checkpoint.
@@ -54,6 +56,7 @@ class AmortizedExplainer(L.LightningModule):
         baseline: float = 0.0,
         output: Literal["probs", "logits", "log_probs"] = "probs",
         head: Literal["transformer", "mlp"] = "transformer",
+        pixel_features: bool = True,
         head_dim: int = 128,
         head_depth: int = 2,
         head_heads: int = 4,
@@ -78,7 +81,9 @@ class AmortizedExplainer(L.LightningModule):
         self.features = PatchFeatures(backbone, self.game.grid, image_size, pretrained, backbone_weights,
                                       **dict(backbone_kwargs or {}))
         d = self.game.num_players
-        self.head = build_head(head, in_dim=self.features.dim, num_players=d, num_classes=num_classes, dim=head_dim,
+        channels = int(classifier_kwargs.get("in_chans", 3))
+        in_dim = self.features.dim + (channels * self.game.patch_size[0] * self.game.patch_size[1] if pixel_features else 0)
+        self.head = build_head(head, in_dim=in_dim, num_players=d, num_classes=num_classes, dim=head_dim,
                                depth=head_depth, heads=head_heads, dropout=dropout)
         self.register_buffer("scale", torch.tensor(float(target_scale or 0.0)))
         self.test_metrics = attribution_metrics("test/")
@@ -93,6 +98,16 @@ class AmortizedExplainer(L.LightningModule):
         phi, _ = self._explain(x)
         return phi
 
+    def patch_features(self, x: Tensor) -> Tensor:
+        """Head input (B, d, D'): backbone features per patch, plus the patch pixels with ``pixel_features``."""
+        feats = self.features(x)
+        if not self.hparams.pixel_features:
+            return feats
+        b, c, _, _ = x.shape
+        (gh, gw), (ph, pw) = self.game.grid, self.game.patch_size
+        pixels = x.view(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
+        return torch.cat([feats, pixels], -1)
+
     def _explain(self, x: Tensor) -> tuple[Tensor, Tensor]:
         d = self.num_players
         ends = torch.zeros(x.shape[0], 2, d, dtype=torch.bool, device=x.device)
@@ -100,7 +115,7 @@ class AmortizedExplainer(L.LightningModule):
         v = self.game(x, ends)  # (B, 2, K): v(empty), v(all)
         total = v[:, 1] - v[:, 0]
         scale = self.scale if self.scale > 0 else torch.ones_like(self.scale)
-        phi = self.head(self.features(x), v[:, 1]) * scale
+        phi = self.head(self.patch_features(x), v[:, 1]) * scale
         if self.hparams.efficiency:
             phi = phi + (total - phi.sum(1)).unsqueeze(1) / d
         return phi, total
@@ -110,7 +125,10 @@ class AmortizedExplainer(L.LightningModule):
 
     def _labels(self, batch: dict[str, Tensor], key: str = "labels") -> Tensor:
         if key not in batch:
-            raise KeyError(f"Batch has no {key!r}; train the explainer with an OracleDataModule (got keys {sorted(batch)}).")
+            raise KeyError(
+                f"Batch has no {key!r} (keys: {sorted(batch)}). Use an OracleDataModule: it adds noisy 'labels' to "
+                "train / val batches and 'exact' values to test batches when the game has at most 20 players."
+            )
         labels = batch[key]
         if labels.shape[1] != self.num_players:
             raise ValueError(f"Labels have {labels.shape[1]} players, the game has {self.num_players}.")
