@@ -81,8 +81,8 @@ class AmortizedExplainer(L.LightningModule):
         self.features = PatchFeatures(backbone, self.game.grid, image_size, pretrained, backbone_weights,
                                       **dict(backbone_kwargs or {}))
         d = self.game.num_players
-        channels = int(classifier_kwargs.get("in_chans", 3))
-        in_dim = self.features.dim + (channels * self.game.patch_size[0] * self.game.patch_size[1] if pixel_features else 0)
+        pixels = int(classifier_kwargs.get("in_chans", 3)) * self.game.patch_size[0] * self.game.patch_size[1]
+        in_dim = self.features.dim + (pixels if pixel_features else 0)
         self.head = build_head(head, in_dim=in_dim, num_players=d, num_classes=num_classes, dim=head_dim,
                                depth=head_depth, heads=head_heads, dropout=dropout)
         self.register_buffer("scale", torch.tensor(float(target_scale or 0.0)))
