@@ -141,11 +141,13 @@ class OracleDataModule(L.LightningDataModule):
 
     def _draw(self, game, x: Tensor, index: Tensor, split: str, draw: int, budget: int) -> Tensor:
         gen = self._generator(split, draw, index)
+        before = getattr(game, "num_evaluations", None)
         outs = []
         for start in range(0, x.shape[0], self.oracle_batch_size):
             sl = slice(start, start + self.oracle_batch_size)
             outs.append(self.estimator(game, x[sl], budget, generator=gen))
-        self.evaluations[split] += budget * x.shape[0]
+        # the evaluations the game actually ran (estimators round budgets to whole units)
+        self.evaluations[split] += game.num_evaluations - before if before is not None else budget * x.shape[0]
         return torch.cat(outs)
 
     def _cached(self, store: LabelStore, index: Tensor, compute) -> Tensor:
