@@ -113,6 +113,12 @@ class PatchGame(nn.Module):
         out = (x.view(n, c, gh, ph, gw, pw) - base) * keep + base
         return out.view(n, c, h, w)
 
+    def patches(self, x: Tensor) -> Tensor:
+        """The players' pixels: ``x`` (B, C, H, W) -> (B, d, C * ph * pw), patches in player (row-major) order."""
+        b, c = x.shape[:2]
+        (gh, gw), (ph, pw) = self.grid, self.patch_size
+        return x.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
+
     def _chunk(self, x: Tensor) -> int:
         per_image = x[0].numel() * x.element_size()
         return max(1, min(self.chunk_size, int(self.max_memory_mb * 2**20 // max(per_image, 1))))

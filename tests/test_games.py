@@ -185,3 +185,13 @@ def test_patch_size_must_divide_image(patch_size):
 def test_bad_options(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         PatchGame(tiny_model(), 2, (H, W), **kwargs)
+
+
+def test_patches_are_the_players_pixels_in_player_order():
+    game = PatchGame(torch.nn.Identity(), (2, 3), (4, 6))
+    x = torch.randn(2, 3, 4, 6)
+    patches = game.patches(x)
+    assert patches.shape == (2, 4, 3 * 2 * 3)
+    for i in range(game.num_players):
+        r, c = divmod(i, game.grid[1])
+        torch.testing.assert_close(patches[:, i], x[:, :, 2 * r : 2 * r + 2, 3 * c : 3 * c + 3].reshape(2, -1))

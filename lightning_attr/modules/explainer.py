@@ -103,10 +103,7 @@ class AmortizedExplainer(L.LightningModule):
         feats = self.features(x)
         if not self.hparams.pixel_features:
             return feats
-        b, c, _, _ = x.shape
-        (gh, gw), (ph, pw) = self.game.grid, self.game.patch_size
-        pixels = x.view(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
-        return torch.cat([feats, pixels], -1)
+        return torch.cat([feats, self.game.patches(x)], -1)
 
     def _explain(self, x: Tensor) -> tuple[Tensor, Tensor]:
         d = self.num_players
