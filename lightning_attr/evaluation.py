@@ -1,5 +1,6 @@
-"""Evaluation helpers: error of per-example estimators and amortized explainers against exact values, and the
-equal-error compute ratio. Pure functions a benchmark, the demo or a test calls."""
+"""Evaluation helpers: error of per-example estimators and amortized explainers against exact values, the
+equal-error compute ratio, and the linear datamodeling score of data attributions. Pure functions a benchmark,
+the demo or a test calls."""
 
 from __future__ import annotations
 
@@ -11,9 +12,16 @@ import torch
 from torch import Tensor
 
 from lightning_attr.estimators import get_estimator
-from lightning_attr.metrics.functional import attribution_mse, attribution_pearson, attribution_spearman, sign_agreement
+from lightning_attr.metrics.functional import (
+    _average_ranks,
+    _pearson_rows,
+    attribution_mse,
+    attribution_pearson,
+    attribution_spearman,
+    sign_agreement,
+)
 
-__all__ = ["attribution_errors", "per_example_curve", "amortized_row", "equal_error_budget"]
+__all__ = ["attribution_errors", "per_example_curve", "amortized_row", "equal_error_budget", "lds", "random_subsets"]
 
 
 def attribution_errors(preds: Tensor, exact: Tensor) -> dict[str, float]:
@@ -88,3 +96,48 @@ def equal_error_budget(rows: Sequence[dict], target_mse: float) -> float:
     (b0, m0), (b1, m1) = (logs[0], logs[1]) if target > logs[0][1] else (logs[-2], logs[-1])
     slope = (m1 - m0) / (b1 - b0) if b1 != b0 else -1.0
     return math.exp(b1 + (target - m1) / (slope if slope < 0 else -1.0))
+
+
+def random_subsets(n: int, num_subsets: int, fraction: float = 0.5, seed: int = 0) -> Tensor:
+    """(num_subsets, n) bool masks, each with exactly ``round(fraction * n)`` members drawn uniformly (seeded)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"`fraction` must be in (0, 1), got {fraction}.")
+    if num_subsets < 2:
+        raise ValueError(f"`num_subsets` must be >= 2 for a rank correlation, got {num_subsets}.")
+    g = torch.Generator().manual_seed(seed)
+    size = max(1, round(fraction * n))
+    masks = torch.zeros(num_subsets, n, dtype=torch.bool)
+    for s in range(num_subsets):
+        masks[s, torch.randperm(n, generator=g)[:size]] = True
+    return masks
+
+
+def lds(
+    train_fn: Callable[[Tensor], Tensor],
+    scores: Tensor,
+    num_subsets: int = 32,
+    fraction: float = 0.5,
+    seed: int = 0,
+    masks: Tensor | None = None,
+) -> dict[str, Tensor | float]:
+    """Linear datamodeling score of attribution ``scores`` (n_train, n_target).
+
+    For random subsets ``S`` (``fraction`` of the training set; or the given ``masks`` (num_subsets, n_train)),
+    ``train_fn(indices of S) -> (n_target,)`` retrains on ``S`` and returns the model outputs on the targets. The
+    prediction of the attribution is ``sum_{i in S} scores[i]``. LDS is the Spearman correlation over subsets between
+    predicted and actual outputs, per target, averaged over targets.
+
+    Returns ``{"lds": float, "per_target": (n_target,), "masks", "predicted", "actual": (num_subsets, n_target)}``.
+    """
+    n = scores.shape[0]
+    masks = random_subsets(n, num_subsets, fraction, seed) if masks is None else masks.bool()
+    if masks.dim() != 2 or masks.shape[1] != n:
+        raise ValueError(f"`masks` must be (num_subsets, {n}), got {tuple(masks.shape)}.")
+    actual = torch.stack([torch.as_tensor(train_fn(m.nonzero().flatten())).detach().double().flatten().cpu()
+                          for m in masks])
+    predicted = masks.double() @ scores.double().cpu()
+    if actual.shape != predicted.shape:
+        raise ValueError(f"`train_fn` must return one output per target ({scores.shape[1]}), got {actual.shape[1]}.")
+    per_target = _pearson_rows(_average_ranks(predicted.T), _average_ranks(actual.T))
+    return {"lds": float(per_target.mean()), "per_target": per_target, "masks": masks, "predicted": predicted,
+            "actual": actual}

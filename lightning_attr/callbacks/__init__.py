@@ -1,5 +1,8 @@
 """Lightning callbacks of lightning-attr (drop-in YAML specs live in the top-level ``callbacks/`` folder)."""
 
 from lightning_attr.callbacks.heatmaps import AttributionHeatmaps
+from lightning_attr.callbacks.influence import InfluenceCallback
+from lightning_attr.callbacks.tracin import TracIn
+from lightning_attr.callbacks.trak import TRAK
 
-__all__ = ["AttributionHeatmaps"]
+__all__ = ["AttributionHeatmaps", "InfluenceCallback", "TRAK", "TracIn"]

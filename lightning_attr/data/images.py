@@ -58,6 +58,7 @@ class IndexedImageDataset(Dataset):
         image_column: str = "image",
         label_column: str = "label",
         indices: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
     ) -> None:
         for col in (image_column, label_column):
             if col not in hf_dataset.column_names:
@@ -66,6 +67,7 @@ class IndexedImageDataset(Dataset):
         self.indices = np.arange(len(hf_dataset)) if indices is None else np.asarray(indices)
         self.image_size, self.channels, self.mean, self.std = image_size, channels, mean, std
         self.image_column, self.label_column = image_column, label_column
+        self.labels = None if labels is None else np.asarray(labels)  # overrides the column (e.g. flipped labels)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -84,7 +86,8 @@ class IndexedImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.data[int(self.indices[i])]
-        return {"image": self.to_tensor(row[self.image_column]), "label": int(row[self.label_column]), "index": i}
+        label = int(row[self.label_column]) if self.labels is None else int(self.labels[i])
+        return {"image": self.to_tensor(row[self.image_column]), "label": label, "index": i}
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -97,6 +100,8 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction / test_fraction: carved from ``train`` (seeded) when the data set lacks those splits.
         batch_size, num_workers: loader settings; evaluation loaders are never shuffled.
         seed: seed of the split.
+        label_noise: fraction of training labels replaced by a different, uniformly random class (seeded by
+            ``noise_seed``); ``noisy_mask`` (bool, length of the train split) says which, for noisy-label detection.
     """
 
     def __init__(
@@ -113,8 +118,12 @@ class ImageDataModule(L.LightningDataModule):
         label_column: str = "label",
         mean: float = 0.5,
         std: float = 0.5,
+        label_noise: float = 0.0,
+        noise_seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= label_noise < 1.0:
+            raise ValueError(f"`label_noise` must be in [0, 1), got {label_noise}.")
         if channels not in (1, 3):
             raise ValueError(f"`channels` must be 1 or 3, got {channels}.")
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -127,7 +136,9 @@ class ImageDataModule(L.LightningDataModule):
         self.dataset, self.image_size, self.channels, self.batch_size = dataset, image_size, channels, batch_size
         self.val_fraction, self.test_fraction, self.num_workers, self.seed = val_fraction, test_fraction, num_workers, seed
         self.image_column, self.label_column, self.mean, self.std = image_column, label_column, mean, std
+        self.label_noise, self.noise_seed = label_noise, noise_seed
         self.splits: dict[str, IndexedImageDataset] = {}
+        self.noisy_mask: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -151,7 +162,17 @@ class ImageDataModule(L.LightningDataModule):
         val_name = "validation" if "validation" in parts else ("val" if "val" in parts else None)
         n_val = 0 if val_name else int(round(hp.val_fraction * len(train)))
         test_idx, val_idx, train_idx = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
-        self.splits["train"] = IndexedImageDataset(train, indices=np.sort(train_idx), **kw)
+        train_idx = np.sort(train_idx)
+        labels = np.asarray(train[hp.label_column])[train_idx]
+        self.noisy_mask = torch.zeros(len(train_idx), dtype=torch.bool)
+        if hp.label_noise > 0:
+            rng = np.random.default_rng(hp.noise_seed)
+            flip = rng.choice(len(train_idx), int(round(hp.label_noise * len(train_idx))), replace=False)
+            k = int(labels.max()) + 1
+            labels = labels.copy()
+            labels[flip] = (labels[flip] + rng.integers(1, k, len(flip))) % k
+            self.noisy_mask[torch.as_tensor(flip)] = True
+        self.splits["train"] = IndexedImageDataset(train, indices=train_idx, labels=labels, **kw)
         self.splits["val"] = (
             IndexedImageDataset(parts[val_name], **kw) if val_name else IndexedImageDataset(train, indices=np.sort(val_idx), **kw)
         )

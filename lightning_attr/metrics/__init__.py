@@ -1,4 +1,4 @@
-"""Attribution-quality metrics (functional core + DDP-safe ``torchmetrics`` classes).
+"""Attribution-quality and data-attribution metrics (functional core + DDP-safe ``torchmetrics`` classes).
 
 All metrics compare ``preds`` with ``target`` of shape ``(B, d, K)``; :class:`EfficiencyGap`
 compares ``preds`` ``(B, d, K)`` with ``total = v(all) - v(empty)`` of shape ``(B, K)``.
@@ -14,6 +14,7 @@ from lightning_attr.metrics.attribution import (
     SignAgreement,
     attribution_metrics,
 )
+from lightning_attr.metrics.noisy_label import NoisyLabelAUC, noisy_label_auc
 from lightning_attr.metrics.functional import (
     attribution_explained_variance,
     attribution_mse,
@@ -38,4 +39,6 @@ __all__ = [
     "sign_agreement",
     "efficiency_gap",
     "functional",
+    "NoisyLabelAUC",
+    "noisy_label_auc",
 ]

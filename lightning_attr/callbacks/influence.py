@@ -1,0 +1,347 @@
+"""Shared Lightning shell of the TracIn and TRAK callbacks: when passes run, what they read, store and log."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import move_data_to_device
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.dataloader import default_collate
+from tqdm.auto import tqdm
+
+from lightning_attr.callbacks.influence_logging import log_topk
+from lightning_attr.callbacks.passes import attribution_loader, gather_by_index, isolated, train_dataset
+from lightning_attr.data.indexed import unpack_batch
+from lightning_attr.influence.features import GradientFeaturizer
+from lightning_attr.influence.scores import Features, inner
+from lightning_attr.influence.topk import topk_blockwise
+from lightning_attr.io import atomic_write
+from lightning_attr.metrics.noisy_label import noisy_label_auc
+
+__all__ = ["InfluenceCallback"]
+
+
+def _cpu(feats: Features) -> Features:
+    return feats.cpu() if isinstance(feats, Tensor) else tuple(t.cpu() for t in feats)
+
+
+def _save(tensors: dict[str, Tensor], path: str) -> None:
+    atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
+
+
+class InfluenceCallback(L.Callback):
+    """Base of :class:`TracIn` and :class:`TRAK`; see their docstrings for the arguments.
+
+    Subclasses set ``method``, ``output`` and ``uses_lr`` and implement ``_featurize`` (per-example tensors of a
+    batch), ``_finish`` (per-checkpoint tensors to store; update running sums), ``_train_side`` (the stored train
+    features a query is scored against), ``_combine`` (checkpoint sums -> scores) and ``self_influence``.
+    """
+
+    method = "influence"
+    output = "cross_entropy"
+    uses_lr = True
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        at_fit_end: bool = False,
+        parameters: Sequence[str] | None = None,
+        module_types: Sequence[str] | None = None,
+        last_layer: bool = False,
+        proj_dim: int | None = 2048,
+        projection: str = "auto",
+        proj_type: str = "rademacher",
+        seed: int = 0,
+        batch_size: int | None = None,
+        attribution_data: Dataset | DataLoader | None = None,
+        query_data: Dataset | None = None,
+        num_queries: int = 8,
+        top_k: int = 5,
+        noisy_labels: str | Sequence[int] | Tensor | None = None,
+        input_key: str = "image",
+        label_key: str = "label",
+        index_key: str = "index",
+        progress_bar: bool = True,
+    ) -> None:
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be None or >= 1, got {value}.")
+        if not every_n_epochs and not every_n_steps and not at_fit_end:
+            raise ValueError("no attribution pass would run: set `every_n_epochs`, `every_n_steps` or `at_fit_end`.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        if num_queries < 0 or top_k < 1:
+            raise ValueError(f"`num_queries` must be >= 0 and `top_k` >= 1, got {num_queries} and {top_k}.")
+        self.dirpath, self.every_n_epochs, self.every_n_steps, self.at_fit_end = dirpath, every_n_epochs, every_n_steps, at_fit_end
+        self.featurizer_kwargs = dict(parameters=parameters, module_types=module_types, last_layer=last_layer,
+                                      proj_dim=proj_dim, projection=projection, proj_type=proj_type, seed=seed)
+        self.batch_size, self.attribution_data, self.query_data = batch_size, attribution_data, query_data
+        self.num_queries, self.top_k, self.noisy_labels = num_queries, top_k, noisy_labels
+        self.keys = dict(input_key=input_key, label_key=label_key, index_key=index_key)
+        self.progress_bar = progress_bar
+        self.records: list[dict[str, Any]] = []
+        self.sums: dict[str, Tensor] = {}
+        self.n_train: int | None = None
+        self.metrics: dict[str, float] = {}
+        self.featurizer: GradientFeaturizer | None = None
+        self.module: L.LightningModule | None = None
+        self._queries: tuple[Tensor, Tensor, Tensor] | None = None
+        self._resolved_dir: str | None = None
+        self._lrs: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------------------------------------------ set-up
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, dirpath=self.dirpath, seed=self.featurizer_kwargs["seed"])
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.module = pl_module
+        self.featurizer = GradientFeaturizer(pl_module, output=self.output, **self.featurizer_kwargs)
+        if self._resolved_dir is None:
+            root = trainer.log_dir or trainer.default_root_dir
+            self._resolved_dir = self.dirpath or os.path.join(root, self.method)
+            if trainer.world_size > 1:  # every rank must use rank zero's folder
+                self._resolved_dir = trainer.strategy.broadcast(self._resolved_dir)
+
+    @property
+    def directory(self) -> str:
+        """Folder of the stored results (per-checkpoint features and weights, summaries, top-k JSON)."""
+        if self._resolved_dir is None:
+            raise RuntimeError("the callback has not been set up by a Trainer yet.")
+        return self._resolved_dir
+
+    def _data(self, trainer: L.Trainer) -> tuple[Any, Any, int]:
+        if self.attribution_data is not None:
+            return self.attribution_data, None, self.batch_size or getattr(self.attribution_data, "batch_size", 64) or 64
+        data, collate, bs = train_dataset(trainer)
+        return data, collate, self.batch_size or bs or 64
+
+    def _loader(self, trainer: L.Trainer) -> DataLoader:
+        data, collate, bs = self._data(trainer)
+        return attribution_loader(data, bs, trainer.world_size, trainer.global_rank, collate)
+
+    def _query_examples(self, trainer: L.Trainer) -> tuple[Tensor, Tensor, Tensor] | None:
+        if self._queries is not None or not self.num_queries:
+            return self._queries
+        data = self.query_data
+        if data is None:
+            dm = trainer.datamodule
+            for source in (dm, getattr(dm, "datamodule", None)):
+                splits = getattr(source, "splits", None)
+                if isinstance(splits, dict) and "val" in splits:
+                    data = splits["val"]
+                    break
+        if data is None or len(data) == 0:
+            return None
+        batch = default_collate([data[i] for i in range(min(self.num_queries, len(data)))])
+        self._queries = unpack_batch(batch, **self.keys)
+        return self._queries
+
+    # ---------------------------------------------------------------------------------------------------- triggers
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.uses_lr:  # the rate of the step about to run; epoch-interval schedulers step before epoch-end hooks
+            self._lrs = self.learning_rates(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.run_pass(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.run_pass(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_fit_end and not (self.records and self.records[-1]["step"] == trainer.global_step):
+            self.run_pass(trainer, pl_module)
+
+    # -------------------------------------------------------------------------------------------------------- pass
+    def learning_rates(self, trainer: L.Trainer) -> dict[str, float]:
+        """Learning rate of each selected parameter, read from the optimizers' param groups (a pass uses the rates
+        of the last training step before it)."""
+        by_id = {id(p): g["lr"] for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        missing = [n for n, p in self.featurizer.params.items() if id(p) not in by_id]
+        if missing:
+            raise ValueError(f"parameters {missing[:5]} are in no optimizer param group, so TracIn has no learning "
+                             "rate for them; exclude them with `parameters=` / `module_types=`.")
+        return {n: float(by_id[id(p)]) for n, p in self.featurizer.params.items()}
+
+    def run_pass(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """One attribution pass at the current weights (all ranks), then storage and logging (rank zero)."""
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        c, key = len(self.records), (len(self.records),)
+        lrs = (self._lrs or self.learning_rates(trainer)) if self.uses_lr else None
+        loader = self._loader(trainer)
+        n = len(loader.dataset)
+        if self.n_train is not None and n != self.n_train:
+            raise ValueError(f"the training set changed size between passes: {self.n_train} -> {n}.")
+        self.n_train = n
+        with isolated(pl_module):
+            self.featurizer.set_scales({k: v**0.5 for k, v in lrs.items()} if lrs else None)
+            local, idx = defaultdict(list), []
+            show = self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None
+            for batch in tqdm(loader, desc=f"{self.method} pass {c} (step {trainer.global_step})", disable=not show,
+                              leave=False, dynamic_ncols=True):
+                x, y, i = unpack_batch(move_data_to_device(batch, pl_module.device), **self.keys)
+                for k, v in self._featurize(x, y, key).items():
+                    local[k].append(v.detach())
+                idx.append(i)
+            data = gather_by_index(trainer, torch.cat(idx), {k: torch.cat(v) for k, v in local.items()}, n)
+            stored = self._finish(data)
+            queries = self._query_examples(trainer)
+            if queries is not None:
+                qx, qy, _ = move_data_to_device(queries, pl_module.device)
+                block = inner(self._train_side_of(stored), _cpu(self._query_features(qx, qy, key)))
+                self.sums["query"] = self.sums["query"] + block if "query" in self.sums else block
+        record = dict(epoch=trainer.current_epoch, step=trainer.global_step, lrs=lrs, file=f"{self.method}-{c:03d}")
+        if trainer.is_global_zero:
+            _save(stored, os.path.join(self.directory, record["file"] + ".safetensors"))
+            _save({k: v.clone() for k, v in pl_module.state_dict().items()},
+                  os.path.join(self.directory, f"weights-{c:03d}.safetensors"))
+            _save(dict(self.sums), os.path.join(self.directory, "summary.safetensors"))
+        self.featurizer.set_scales(None)
+        self.records.append(record)
+        if trainer.is_global_zero:
+            records = json.dumps(self.records, indent=1)
+            atomic_write(os.path.join(self.directory, "checkpoints.json"), lambda tmp: open(tmp, "w").write(records))
+            self._log(trainer, c)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier()
+
+    # ----------------------------------------------------------------------------------------------------- results
+    def _noisy_mask(self, trainer: L.Trainer) -> Tensor | None:
+        spec = self.noisy_labels
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            dm = trainer.datamodule
+            value = next((getattr(s, spec) for s in (dm, getattr(dm, "datamodule", None)) if hasattr(s, spec)), None)
+            if value is None:
+                raise ValueError(f"`noisy_labels`={spec!r} is not an attribute of the datamodule "
+                                 f"{type(dm).__name__}; pass a mask / list of indices or the attribute's name.")
+            spec = value
+        spec = torch.as_tensor(spec)
+        if spec.dtype == torch.bool:
+            if spec.numel() != self.n_train:
+                raise ValueError(f"`noisy_labels` mask has length {spec.numel()}, the training set {self.n_train}.")
+            return spec
+        mask = torch.zeros(self.n_train, dtype=torch.bool)
+        mask[spec.long()] = True
+        return mask
+
+    def _log(self, trainer: L.Trainer, c: int) -> None:
+        s = self.self_influence
+        m = {f"{self.method}/self_influence_mean": float(s.mean()), f"{self.method}/self_influence_max": float(s.max()),
+             f"{self.method}/checkpoints": float(c + 1)}
+        noisy = self._noisy_mask(trainer)
+        if noisy is not None and 0 < int(noisy.sum()) < noisy.numel():
+            m[f"{self.method}/noisy_label_auc"] = float(noisy_label_auc(s, noisy))
+        self.metrics = m
+        for logger in trainer.loggers:
+            logger.log_metrics(m, step=trainer.global_step)
+        if "query" in self.sums and self._queries is not None:
+            scores = self._combine(self.sums["query"], 0, self.n_train)
+            top = topk_blockwise(lambda a, b: scores[a:b], self.n_train, self.top_k)
+            data, _, _ = self._data(trainer)
+            dataset = data.dataset if isinstance(data, DataLoader) else data
+            log_topk(trainer, top, self._queries, dataset, self.keys, f"{self.method}/top_k",
+                     os.path.join(self.directory, f"topk-{c:03d}.json"))
+
+    def _load(self, c: int) -> dict[str, Tensor]:
+        path = os.path.join(self.directory, self.records[c]["file"] + ".safetensors")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"stored results of checkpoint {c} are missing: {path} (was `dirpath` moved?).")
+        return load_file(path)
+
+    def _query_features(self, x: Tensor, y: Tensor, key: tuple[int, ...]) -> Features:
+        return self.featurizer(x, y, key)
+
+    def query_features(self, query: DataLoader | Dataset, batch_size: int = 256) -> list[Features]:
+        """Features of the query examples at every stored checkpoint (weights reloaded from disk, then restored)."""
+        if not self.records:
+            raise RuntimeError("no attribution pass has run yet; fit with the callback first.")
+        module = self.module
+        loader = query if isinstance(query, DataLoader) else DataLoader(query, batch_size=batch_size)
+        current = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        feats: list[Features] = []
+        try:
+            with isolated(module):
+                for c, record in enumerate(self.records):
+                    path = os.path.join(self.directory, f"weights-{c:03d}.safetensors")
+                    module.load_state_dict({k: v.to(module.device) for k, v in load_file(path).items()})
+                    lrs = record["lrs"]
+                    self.featurizer.set_scales({k: v**0.5 for k, v in lrs.items()} if lrs else None)
+                    parts = []
+                    for batch in loader:
+                        x, y = self._inputs_labels(move_data_to_device(batch, module.device))
+                        parts.append(_cpu(self._query_features(x, y, (c,))))
+                    feats.append(torch.cat(parts) if isinstance(parts[0], Tensor)
+                                 else tuple(torch.cat(p) for p in zip(*parts)))
+        finally:
+            module.load_state_dict(current)
+            self.featurizer.set_scales(None)
+        return feats
+
+    def _inputs_labels(self, batch: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(batch, dict):
+            return batch[self.keys["input_key"]], torch.as_tensor(batch[self.keys["label_key"]])
+        return batch[0], torch.as_tensor(batch[1])
+
+    def _block(self, queries: list[Features], start: int, stop: int) -> Tensor:
+        total = 0
+        for c, q in enumerate(queries):
+            train = self._train_side_of(self._load(c))
+            train = train[start:stop] if isinstance(train, Tensor) else tuple(t[start:stop] for t in train)
+            total = total + inner(train, q)
+        return self._combine(total, start, stop)
+
+    def scores(self, query: DataLoader | Dataset, batch_size: int = 256, block: int = 4096) -> Tensor:
+        """Scores (n_train, n_query) of every training example for every query example, in dataset order.
+
+        ``query`` yields batches like the training data (inputs, labels[, index]). Computed over train blocks of
+        ``block`` rows; exact when the projection is off.
+        """
+        queries = self.query_features(query, batch_size)
+        return torch.cat([self._block(queries, s, min(self.n_train, s + block)) for s in range(0, self.n_train, block)])
+
+    def topk(self, query: DataLoader | Dataset, k: int = 10, batch_size: int = 256, block: int = 4096
+             ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Top-k proponents / opponents ``(values, train indices)``, each (n_query, k), without the full matrix."""
+        queries = self.query_features(query, batch_size)
+        return topk_blockwise(lambda a, b: self._block(queries, a, b), self.n_train, k, block)
+
+    # ------------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return dict(records=list(self.records), sums=dict(self.sums), n_train=self.n_train, dirpath=self._resolved_dir)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.records = list(state_dict["records"])
+        self.sums = dict(state_dict["sums"])
+        self.n_train = state_dict["n_train"]
+        self._resolved_dir = self.dirpath or state_dict["dirpath"]
+
+    # -------------------------------------------------------------------------------------------- subclass hooks
+    def _featurize(self, x: Tensor, y: Tensor, key: tuple[int, ...]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _finish(self, data: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _train_side_of(self, stored: dict[str, Tensor]) -> Features:
+        raise NotImplementedError
+
+    def _combine(self, total: Tensor, start: int, stop: int) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def self_influence(self) -> Tensor:
+        raise NotImplementedError

@@ -1,0 +1,260 @@
+"""Per-example gradient features: exact, densely projected, or Kronecker-projected per layer (LoGra).
+
+``GradientFeaturizer(module, ...)(x, y, key) -> (B, k)`` with ``<f_i, f_j>`` equal (projection off) or unbiased for
+(projection on) ``sum_p s_p^2 <grad_p out_i, grad_p out_j>`` over the selected parameters ``p`` (``s_p`` = optional
+per-parameter scales, e.g. sqrt of the learning rate). ``key`` (e.g. the checkpoint number) seeds the projection, so
+train and query features of one checkpoint share it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_attr.influence.grads import (
+    Layer,
+    factor_grads,
+    func_grads,
+    layer_taps,
+    linear_factors,
+    norm_grads,
+    plan_layers,
+)
+from lightning_attr.influence.outputs import OutputFn, get_output_fn
+from lightning_attr.influence.parameters import last_linear, select_parameters
+from lightning_attr.influence.projector import KroneckerProjector, RandomProjector
+
+__all__ = ["GradientFeaturizer", "PROJECTIONS", "ROUTES"]
+
+PROJECTIONS = ("auto", "kronecker", "dense")
+ROUTES = ("auto", "layers", "func")
+
+
+def _check_finite(t: Tensor, what: str) -> Tensor:
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+    if bad.any():
+        raise FloatingPointError(f"non-finite {what} for batch positions {bad.nonzero().flatten().tolist()[:10]}; "
+                                 "check the model's outputs and the loss on these examples.")
+    return t
+
+
+class GradientFeaturizer:
+    """Gradient features of ``output(module(x), y)`` (B,) per example.
+
+    Args:
+        module: the (unwrapped) model; ``module(x)`` must return outputs (B, K).
+        parameters: ``fnmatch`` name patterns of the parameters to differentiate (default: all trainable).
+        module_types: restrict to parameters of these module types (``["Linear", "Conv2d"]``).
+        last_layer: differentiate only the classifier layer (timm ``get_classifier()`` or the last ``nn.Linear``).
+        output: ``"cross_entropy"`` (TracIn), ``"margin"`` (TRAK), ``"mse"`` or a callable ``(out, y) -> (B,)``.
+        proj_dim: projection size k; None or 0 keeps exact gradients (k = number of selected parameters).
+        projection: ``"kronecker"`` (per-layer factored, never materializes big per-example gradients),
+            ``"dense"`` (one chunked matrix on the flat gradient) or ``"auto"`` (kronecker when the layer route
+            covers every selected parameter).
+        proj_type: ``"rademacher"`` or ``"gaussian"`` entries.
+        route: ``"layers"``, ``"func"`` (``torch.func.vmap``) or ``"auto"`` (layers when they cover the parameters).
+        seed: projection seed.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        parameters: Sequence[str] | None = None,
+        module_types: Sequence[str] | None = None,
+        last_layer: bool = False,
+        output: Union[str, OutputFn] = "cross_entropy",
+        proj_dim: int | None = None,
+        projection: str = "auto",
+        proj_type: str = "rademacher",
+        route: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        if projection not in PROJECTIONS:
+            raise ValueError(f"`projection` must be one of {PROJECTIONS}, got {projection!r}.")
+        if route not in ROUTES:
+            raise ValueError(f"`route` must be one of {ROUTES}, got {route!r}.")
+        if proj_dim is not None and proj_dim < 0:
+            raise ValueError(f"`proj_dim` must be None, 0 (off) or a positive size, got {proj_dim}.")
+        if last_layer:
+            if parameters is not None:
+                raise ValueError("`last_layer=True` selects the classifier's parameters; do not pass `parameters` too.")
+            parameters = [f"{last_linear(module)}.*"]
+        self.module, self.output_fn = module, get_output_fn(output)
+        self.params = select_parameters(module, parameters, module_types)
+        self.layers = plan_layers(module, self.params) if route != "func" else None
+        if route == "layers" and self.layers is None:
+            raise ValueError("`route='layers'` needs every selected parameter in a Linear, Conv2d (groups=1), "
+                             "BatchNorm (running stats) or LayerNorm layer; use route='auto' or 'func'.")
+        self.proj_dim = proj_dim or None
+        if projection == "kronecker" and self.layers is None and self.proj_dim:
+            raise ValueError("`projection='kronecker'` needs the layer route (Linear / Conv2d / norm layers only).")
+        self.projection = "kronecker" if projection == "auto" and self.layers is not None else projection
+        if self.projection == "auto":
+            self.projection = "dense"
+        self.proj_type, self.seed = proj_type, seed
+        self.scales: dict[str, float] = {}
+        self._plan_key: tuple | None = None
+        self._plan: dict = {}
+        self.num_params = sum(p.numel() for p in self.params.values())
+
+    # ----------------------------------------------------------------------------------------------------- helpers
+    def set_scales(self, scales: dict[str, float] | None) -> None:
+        """Per-parameter multipliers ``s_p`` of the gradients (missing names: 1)."""
+        self.scales = dict(scales or {})
+
+    def _scale(self, name: str | None) -> float:
+        return float(self.scales.get(name, 1.0)) if name else 1.0
+
+    def _requires_grad(self):
+        flags = {n: p.requires_grad for n, p in self.params.items()}
+        for p in self.params.values():
+            p.requires_grad_(True)
+        return flags
+
+    def _restore(self, flags: dict[str, bool]) -> None:
+        for n, f in flags.items():
+            self.params[n].requires_grad_(f)
+
+    # --------------------------------------------------------------------------------------------- exact gradients
+    def per_example_grads(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Exact per-example gradients ``{name: (B, *shape)}`` (scaled by ``s_p``), by the chosen route."""
+        flags = self._requires_grad()
+        try:
+            if self.layers is None:
+                grads, _ = func_grads(self.module, self.params, x, y, self.output_fn)
+                return {n: g * self._scale(n) for n, g in grads.items()}
+            out: dict[str, Tensor] = {}
+            with layer_taps(self.module, self.layers, x, y, self.output_fn):
+                for layer in self.layers:
+                    for n, g in self._layer_grads(layer, x.shape[0]).items():
+                        out[n] = out[n] + g if n in out else g
+            b = x.shape[0]
+            return {n: out[n] if n in out else p.new_zeros(b, *p.shape) for n, p in self.params.items()}
+        finally:
+            self._restore(flags)
+
+    def _factors(self, layer: Layer) -> list[tuple[Tensor, Tensor]]:
+        sw, sb = self._scale(layer.weight), self._scale(layer.bias)
+        return [linear_factors(layer, a, g, sw, sb) for a, g in layer.calls]
+
+    def _layer_grads(self, layer: Layer, b: int) -> dict[str, Tensor]:
+        if not layer.calls:  # the layer did not run in this forward: zero gradients
+            return {n: self.params[n].new_zeros(b, *self.params[n].shape) for n in (layer.weight, layer.bias) if n}
+        if layer.factored:
+            parts = [factor_grads(layer, a, g) for a, g in self._factors(layer)]
+        else:
+            parts = [{n: t * self._scale(n) for n, t in norm_grads(layer, a, g).items()} for a, g in layer.calls]
+        return {n: sum(p[n] for p in parts) for n in parts[0]}
+
+    def flat_grads(self, x: Tensor, y: Tensor) -> Tensor:
+        """Exact per-example gradients flattened in parameter order: (B, num_params)."""
+        grads = self.per_example_grads(x, y)
+        return _check_finite(torch.cat([g.reshape(g.shape[0], -1).float() for g in grads.values()], 1), "gradients")
+
+    def factors(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Last-layer factors ``(a (B, I'), g (B, O))`` with per-example gradient ``g a^T``: exact, O(I + O) each.
+
+        Needs a single Linear layer called once on one position per example (the ``last_layer=True`` set-up).
+        """
+        if not self.layers or len(self.layers) != 1 or not isinstance(self.layers[0].module, nn.Linear):
+            raise ValueError("factored gradients need exactly one selected Linear layer (use `last_layer=True`).")
+        flags = self._requires_grad()
+        try:
+            with layer_taps(self.module, self.layers, x, y, self.output_fn):
+                (a, g), *rest = self._factors(self.layers[0])
+                if rest or a.shape[1] != 1:
+                    raise ValueError(f"layer {self.layers[0].name!r} sees several positions or calls per example; "
+                                     "factored gradients need one (B, I) input per example.")
+        finally:
+            self._restore(flags)
+        return _check_finite(a[:, 0].float(), "layer inputs"), _check_finite(g[:, 0].float(), "output gradients")
+
+    def sq_norms(self, x: Tensor, y: Tensor) -> Tensor:
+        """Exact squared norms (B,) of the per-example gradients; for factored layers from Gram matrices
+        ``sum_st (a_s.a_t)(g_s.g_t)`` when that is cheaper than forming ``O x I`` per example."""
+        if self.layers is None:
+            return self.flat_grads(x, y).pow(2).sum(1)
+        flags = self._requires_grad()
+        try:
+            total = x.new_zeros(x.shape[0], dtype=torch.float32)
+            with layer_taps(self.module, self.layers, x, y, self.output_fn):
+                for layer in self.layers:
+                    facs = self._factors(layer) if layer.factored else []
+                    s = sum(a.shape[1] for a, _ in facs) if facs else 0
+                    if facs and s * (layer.in_dim + layer.out_dim) <= layer.in_dim * layer.out_dim:
+                        a = torch.cat([f[0] for f in facs], 1).float()
+                        g = torch.cat([f[1] for f in facs], 1).float()
+                        total += ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
+                    else:
+                        total += sum(t.flatten(1).float().pow(2).sum(1) for t in self._layer_grads(layer, x.shape[0]).values())
+        finally:
+            self._restore(flags)
+        return _check_finite(total.unsqueeze(1), "gradient norms")[:, 0]
+
+    # ------------------------------------------------------------------------------------------------- projection
+    @property
+    def feature_dim(self) -> int:
+        """Length k of the features ``__call__`` returns."""
+        if not self.proj_dim:
+            return self.num_params
+        return sum(p["dim"] for p in self._build_plan((0,)).values())
+
+    def _build_plan(self, key: tuple) -> dict:
+        if key == self._plan_key:
+            return self._plan
+        k, seed, kind, plan = self.proj_dim, self.seed, self.proj_type, {}
+        if self.projection == "dense":
+            plan["flat"] = dict(dim=k, proj=RandomProjector(self.num_params, k, seed, kind, key + (0,)))
+        else:
+            rest = 0
+            for i, layer in enumerate(self.layers):
+                if not layer.factored:
+                    rest += sum(self.params[n].numel() for n in (layer.weight, layer.bias) if n)
+                    continue
+                size = layer.in_dim * layer.out_dim
+                budget = max(1, round(k * size / self.num_params))
+                if budget >= size:
+                    plan[layer.name] = dict(dim=size, proj=None)
+                else:
+                    k_in, k_out = KroneckerProjector.split(budget, layer.in_dim, layer.out_dim)
+                    proj = KroneckerProjector(layer.in_dim, layer.out_dim, k_in, k_out, seed, kind, key + (1, i))
+                    plan[layer.name] = dict(dim=k_in * k_out, proj=proj)
+            if rest:
+                budget = max(1, round(k * rest / self.num_params))
+                proj = RandomProjector(rest, budget, seed, kind, key + (2,)) if budget < rest else None
+                plan["rest"] = dict(dim=budget if proj else rest, proj=proj)
+        self._plan_key, self._plan = key, plan
+        return plan
+
+    def __call__(self, x: Tensor, y: Tensor, key: tuple[int, ...] = (0,)) -> Tensor:
+        """Features (B, k) of the examples ``x`` (B, ...) with targets ``y`` (B,)."""
+        if not self.proj_dim:
+            return self.flat_grads(x, y)
+        plan = self._build_plan(tuple(key))
+        if self.projection == "dense":
+            return _check_finite(plan["flat"]["proj"](self.flat_grads(x, y)), "projected gradients")
+        flags = self._requires_grad()
+        try:
+            parts, rest = [], []
+            with layer_taps(self.module, self.layers, x, y, self.output_fn):
+                for layer in self.layers:
+                    if not layer.factored:
+                        rest += [t.flatten(1).float() for t in self._layer_grads(layer, x.shape[0]).values()]
+                        continue
+                    proj = plan[layer.name]["proj"]
+                    facs = self._factors(layer)
+                    if not facs:
+                        parts.append(x.new_zeros(x.shape[0], plan[layer.name]["dim"], dtype=torch.float32))
+                    elif proj is None:
+                        parts.append(sum(torch.einsum("bso,bsi->boi", g, a) for a, g in facs).flatten(1).float())
+                    else:
+                        parts.append(sum(proj(a, g) for a, g in facs))
+            if rest:
+                flat = torch.cat(rest, 1)
+                proj = plan["rest"]["proj"]
+                parts.append(proj(flat) if proj is not None else flat)
+        finally:
+            self._restore(flags)
+        return _check_finite(torch.cat(parts, 1), "projected gradients")

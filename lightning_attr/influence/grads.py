@@ -1,0 +1,172 @@
+"""Per-example gradients: the layer route (layer inputs x output gradients) and the ``torch.func`` route.
+
+Layer route: one ordinary forward and one ``autograd.grad`` of the summed per-example outputs w.r.t. the outputs of
+the selected layers give each layer's inputs ``a`` and output gradients ``g``; a Linear / Conv2d weight's
+per-example gradient is ``sum_s g_s a_s^T`` (for Conv2d, ``a`` are the unfolded patches), a bias's is ``sum_s g_s``,
+BatchNorm (eval) / LayerNorm affine gradients are ``sum_s g_s * x_hat_s``. Valid when examples do not interact
+(eval mode). Any other module goes through ``torch.func.vmap(grad(...))``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_attr.influence.outputs import OutputFn
+
+__all__ = ["Layer", "plan_layers", "layer_taps", "func_grads", "linear_factors", "norm_grads", "factor_grads"]
+
+FACTORED = (nn.Linear, nn.Conv2d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+
+
+@dataclass
+class Layer:
+    """A module whose selected parameters have a closed-form per-example gradient."""
+
+    name: str
+    module: nn.Module
+    weight: str | None = None  # full parameter names, when selected
+    bias: str | None = None
+    calls: list = field(default_factory=list, repr=False)  # (input, output) per forward call
+
+    @property
+    def factored(self) -> bool:
+        return isinstance(self.module, FACTORED)
+
+    @property
+    def in_dim(self) -> int:
+        """Columns of the factor ``a``: the weight's fan-in (when selected) plus one for a selected bias."""
+        w = self.module.weight
+        return (w[0].numel() if self.weight else 0) + (1 if self.bias else 0)
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.weight.shape[0]
+
+
+def _supported(m: nn.Module) -> bool:
+    if isinstance(m, nn.Conv2d):
+        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return m.running_mean is not None and m.affine
+    return isinstance(m, (nn.Linear, nn.LayerNorm)) and getattr(m, "weight", None) is not None
+
+
+def plan_layers(module: nn.Module, params: dict[str, nn.Parameter]) -> list[Layer] | None:
+    """Layers covering every parameter in ``params`` with the layer route, or None when some parameter is not
+    owned by a supported layer (Linear, Conv2d without groups, BatchNorm with running stats, LayerNorm)."""
+    layers, covered = [], set()
+    for m_name, m in module.named_modules():
+        own = {p_name: f"{m_name}.{p_name}" if m_name else p_name for p_name, _ in m.named_parameters(recurse=False)}
+        chosen = {k: v for k, v in own.items() if v in params}
+        if not chosen:
+            continue
+        if not _supported(m) or set(chosen) - {"weight", "bias"}:
+            return None
+        layers.append(Layer(m_name, m, chosen.get("weight"), chosen.get("bias")))
+        covered.update(chosen.values())
+    return layers if covered == set(params) else None
+
+
+@contextlib.contextmanager
+def layer_taps(module: nn.Module, layers: list[Layer], x: Tensor, y: Tensor, output_fn: OutputFn) -> Iterator[Tensor]:
+    """Run ``output_fn(module(x), y)`` (B,) and fill each layer's ``calls`` with ``(input, output_grad)`` pairs."""
+    for layer in layers:
+        layer.calls = []
+    handles = [layer.module.register_forward_hook(lambda m, i, o, L=layer: L.calls.append((i[0].detach(), o)))
+               for layer in layers]
+    try:
+        with torch.enable_grad():
+            values = output_fn(module(x), y)
+        outs = [o for layer in layers for _, o in layer.calls]
+        grads = torch.autograd.grad(values.sum(), outs, allow_unused=True)
+        it = iter(grads)
+        for layer in layers:
+            layer.calls = [(a, torch.zeros_like(o) if (g := next(it)) is None else g.detach()) for a, o in layer.calls]
+        yield values.detach()
+    finally:
+        for h in handles:
+            h.remove()
+        for layer in layers:
+            layer.calls = []
+
+
+def linear_factors(layer: Layer, a: Tensor, g: Tensor, scale_w: float = 1.0, scale_b: float = 1.0
+                   ) -> tuple[Tensor, Tensor]:
+    """Factors ``(a (B, S, I'), g (B, S, O))`` with per-example gradient ``sum_s g_s a_s^T`` of one layer call.
+
+    ``I'`` = weight fan-in (if selected) + 1 (if the bias is selected, a column of ones). Columns are scaled by the
+    parameters' ``scale_w`` / ``scale_b`` (e.g. sqrt of their learning rates).
+    """
+    m, b = layer.module, a.shape[0]
+    if isinstance(m, nn.Conv2d):
+        a = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+        g = g.flatten(2).transpose(1, 2)
+    else:
+        a, g = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+    cols = []
+    if layer.weight:
+        cols.append(a * scale_w if scale_w != 1.0 else a)
+    if layer.bias:
+        cols.append(torch.full_like(a[..., :1], scale_b))
+    return torch.cat(cols, -1) if len(cols) > 1 else cols[0], g
+
+
+def factor_grads(layer: Layer, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Per-example gradients ``{name: (B, *param.shape)}`` from a layer's factors (as built by ``linear_factors``)."""
+    full = torch.einsum("bso,bsi->boi", g, a)
+    out, w = {}, layer.module.weight
+    if layer.weight:
+        out[layer.weight] = full[..., : w[0].numel()].reshape(-1, *w.shape)
+    if layer.bias:
+        out[layer.bias] = full[..., -1]
+    return out
+
+
+def norm_grads(layer: Layer, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Per-example affine gradients of a BatchNorm (eval) / LayerNorm call: ``{name: (B, *param.shape)}``."""
+    m, b = layer.module, a.shape[0]
+    if isinstance(m, nn.LayerNorm):
+        x_hat = F.layer_norm(a, m.normalized_shape, eps=m.eps)
+        shape = (b, -1, *m.normalized_shape)
+        gw, gb = (g * x_hat).reshape(shape).sum(1), g.reshape(shape).sum(1)
+    else:
+        view = (1, -1) + (1,) * (a.dim() - 2)
+        x_hat = (a - m.running_mean.view(view)) * torch.rsqrt(m.running_var.view(view) + m.eps)
+        dims = tuple(range(2, a.dim()))
+        gw, gb = (g * x_hat).sum(dims) if dims else g * x_hat, g.sum(dims) if dims else g
+    out = {}
+    if layer.weight:
+        out[layer.weight] = gw
+    if layer.bias:
+        out[layer.bias] = gb
+    return out
+
+
+def func_grads(module: nn.Module, params: dict[str, nn.Parameter], x: Tensor, y: Tensor, output_fn: OutputFn
+               ) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-example gradients ``{name: (B, *shape)}`` and outputs (B,) via ``torch.func.vmap(grad(...))``."""
+    from torch.func import functional_call, grad, vmap
+
+    def one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
+        value = output_fn(functional_call(module, p, (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
+        return value, value
+
+    detached = {n: p.detach() for n, p in params.items()}
+    try:
+        with torch.enable_grad():
+            grads, values = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0), randomness="different")(detached, x, y)
+    except Exception as err:  # functorch raises many types for unsupported ops
+        raise ValueError(
+            f"torch.func could not compute per-example gradients of {type(module).__name__} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Select parameters of Linear, "
+            "Conv2d, BatchNorm or LayerNorm layers (`parameters=` / `module_types=`), which use the layer route, or "
+            "make the forward pass vmap-compatible (no in-place ops on inputs, no .item(), no data-dependent flow)."
+        ) from err
+    return grads, values
