@@ -66,3 +66,26 @@ def test_lime_config_parses_and_builds(tmp_path):
                      "--model.init_args.classifier_weights", weights], run=False)
     assert cli.datamodule.estimator.name == "lime" and not cli.model.hparams.efficiency
     assert cli.model(torch.randn(2, 3, 16, 16)).shape == (2, 4, 10)
+
+
+def test_noisy_label_config_with_the_tracin_and_trak_specs(tmp_path):
+    cli = build_cli(["fit", "--config", str(CONFIGS / "digits_noisy_resnet.yaml"), *FAST, *small_data("init_args."),
+                     "--model.init_args.image_size", "16", "--model.init_args.model_kwargs", json.dumps(TINY_RESNET),
+                     "--trainer.callbacks+=" + str(CALLBACKS / "trak.yaml"), "--trainer.callbacks.proj_dim=64",
+                     "--trainer.callbacks.noisy_labels=noisy_mask", "--data.init_args.val_fraction", "0.8",
+                     "--trainer.default_root_dir", str(tmp_path)])
+    assert float(cli.datamodule.noisy_mask.float().mean()) == pytest.approx(0.1, abs=0.01)
+    found = {cb.prefix: cb for cb in cli.trainer.callbacks if hasattr(cb, "self_influence")}
+    assert set(found) == {"tracin", "tracin_last_layer", "trak"}
+    for prefix, cb in found.items():
+        assert cb.self_influence.shape == (len(cli.datamodule.splits["train"]),)
+        assert 0 <= cb.metrics[f"{prefix}/noisy_label_auc"] <= 1
+    assert (tmp_path / "tracin" / "checkpoints.json").is_file()
+
+
+def test_tracin_spec_parses():
+    cli = build_cli(["--config", str(CONFIGS / "digits_classifier_resnet.yaml"),
+                     "--trainer.callbacks+=" + str(CALLBACKS / "tracin.yaml"), "--trainer.callbacks.last_layer=true"],
+                    run=False)
+    tracin = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "TracIn"]
+    assert len(tracin) == 1 and tracin[0].featurizer_kwargs["last_layer"]

@@ -240,3 +240,21 @@ def test_nan_gradients_raise_naming_the_examples():
     x[2, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"batch positions \[2\]"):
         GradientFeaturizer(model)(x, y)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(route="func"), dict(proj_dim=40), dict(proj_dim=32, projection="dense"),
+                                dict(last_layer=True)])
+def test_group_features_equal_the_sum_of_member_features(kw):
+    """GGDA: a segment's gradient (one backward, no per-example gradients) is the sum of its members' gradients."""
+    model = tiny_cnn()
+    x, y = data(9)
+    feat = GradientFeaturizer(model, **kw)
+    bounds = torch.tensor([0, 4, 5, 9])
+    per_example = feat(x, y, (3,))
+    expected = torch.stack([per_example[s:e].sum(0) for s, e in ((0, 4), (4, 5), (5, 9))])
+    torch.testing.assert_close(feat(x, y, (3,), bounds=bounds), expected, rtol=1e-4, atol=1e-5)
+    if not kw:
+        ref = brute_force_grads(model, list(feat.params), x, y, cross_entropy)
+        torch.testing.assert_close(feat.flat_grads(x, y, bounds)[0], ref[:4].sum(0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="segment bounds"):
+        feat(x, y, bounds=torch.tensor([0, 5, 4, 9]))

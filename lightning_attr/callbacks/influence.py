@@ -71,6 +71,7 @@ class InfluenceCallback(L.Callback):
         label_key: str = "label",
         index_key: str = "index",
         progress_bar: bool = True,
+        prefix: str | None = None,
     ) -> None:
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and value < 1:
@@ -88,6 +89,7 @@ class InfluenceCallback(L.Callback):
         self.num_queries, self.top_k, self.noisy_labels = num_queries, top_k, noisy_labels
         self.keys = dict(input_key=input_key, label_key=label_key, index_key=index_key)
         self.progress_bar = progress_bar
+        self.prefix = prefix or self.method + ("_last_layer" if last_layer else "")
         self.records: list[dict[str, Any]] = []
         self.sums: dict[str, Tensor] = {}
         self.n_train: int | None = None
@@ -101,7 +103,7 @@ class InfluenceCallback(L.Callback):
     # ------------------------------------------------------------------------------------------------------ set-up
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(method=self.method, dirpath=self.dirpath, seed=self.featurizer_kwargs["seed"])
+        return self._generate_state_key(prefix=self.prefix, dirpath=self.dirpath, seed=self.featurizer_kwargs["seed"])
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.module = pl_module
@@ -240,11 +242,12 @@ class InfluenceCallback(L.Callback):
 
     def _log(self, trainer: L.Trainer, c: int) -> None:
         s = self.self_influence
-        m = {f"{self.method}/self_influence_mean": float(s.mean()), f"{self.method}/self_influence_max": float(s.max()),
-             f"{self.method}/checkpoints": float(c + 1)}
+        p = self.prefix
+        m = {f"{p}/self_influence_mean": float(s.mean()), f"{p}/self_influence_max": float(s.max()),
+             f"{p}/checkpoints": float(c + 1)}
         noisy = self._noisy_mask(trainer)
         if noisy is not None and 0 < int(noisy.sum()) < noisy.numel():
-            m[f"{self.method}/noisy_label_auc"] = float(noisy_label_auc(s, noisy))
+            m[f"{p}/noisy_label_auc"] = float(noisy_label_auc(s, noisy))
         self.metrics = m
         for logger in trainer.loggers:
             logger.log_metrics(m, step=trainer.global_step)
@@ -253,7 +256,7 @@ class InfluenceCallback(L.Callback):
             top = topk_blockwise(lambda a, b: scores[a:b], self.n_train, self.top_k)
             data, _, _ = self._data(trainer)
             dataset = data.dataset if isinstance(data, DataLoader) else data
-            log_topk(trainer, top, self._queries, dataset, self.keys, f"{self.method}/top_k",
+            log_topk(trainer, top, self._queries, dataset, self.keys, f"{p}/top_k",
                      os.path.join(self.directory, f"topk-{c:03d}.json"))
 
     def _load(self, c: int) -> dict[str, Tensor]:

@@ -33,6 +33,8 @@ class TracIn(InfluenceCallback):
         noisy_labels: which training labels are known to be corrupted (bool mask, index list, or the name of a
             datamodule attribute such as ``"noisy_mask"``); the noisy-label AUC of the self-influence is logged.
         input_key / label_key / index_key: keys of dict batches (tuple batches are ``(inputs, labels, ..., index)``).
+        progress_bar: show a bar during passes (rank zero, when the trainer has one).
+        prefix: metric / table key prefix (default ``tracin`` or ``tracin_last_layer``).
 
     After fit: ``self_influence`` (n_train,), ``scores(query)`` (n_train, n_query), ``topk(query, k)``.
     """

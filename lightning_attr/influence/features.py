@@ -15,12 +15,16 @@ from torch import Tensor, nn
 
 from lightning_attr.influence.grads import (
     Layer,
+    check_bounds,
+    contract,
     factor_grads,
     func_grads,
+    func_group_grads,
     layer_taps,
     linear_factors,
     norm_grads,
     plan_layers,
+    segment_sum,
 )
 from lightning_attr.influence.outputs import OutputFn, get_output_fn
 from lightning_attr.influence.parameters import last_linear, select_parameters
@@ -118,20 +122,22 @@ class GradientFeaturizer:
             self.params[n].requires_grad_(f)
 
     # --------------------------------------------------------------------------------------------- exact gradients
-    def per_example_grads(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """Exact per-example gradients ``{name: (B, *shape)}`` (scaled by ``s_p``), by the chosen route."""
+    def per_example_grads(self, x: Tensor, y: Tensor, bounds: Tensor | None = None) -> dict[str, Tensor]:
+        """Exact gradients ``{name: (R, *shape)}`` (scaled by ``s_p``) per example (R = B), or, with segment
+        ``bounds`` (R + 1,), of each segment's summed output (a group gradient; no per-example gradients formed)."""
+        bounds = None if bounds is None else check_bounds(bounds, x.shape[0])
         flags = self._requires_grad()
         try:
             if self.layers is None:
-                grads, _ = func_grads(self.module, self.params, x, y, self.output_fn)
+                grads = func_grads(self.module, self.params, x, y, self.output_fn)[0] if bounds is None else \
+                    func_group_grads(self.module, self.params, x, y, self.output_fn, bounds)
                 return {n: g * self._scale(n) for n, g in grads.items()}
             out: dict[str, Tensor] = {}
             with layer_taps(self.module, self.layers, x, y, self.output_fn):
                 for layer in self.layers:
-                    for n, g in self._layer_grads(layer, x.shape[0]).items():
+                    for n, g in self._layer_grads(layer, x.shape[0], bounds).items():
                         out[n] = out[n] + g if n in out else g
-            b = x.shape[0]
-            return {n: out[n] if n in out else p.new_zeros(b, *p.shape) for n, p in self.params.items()}
+            return {n: out[n] for n in self.params}
         finally:
             self._restore(flags)
 
@@ -139,18 +145,20 @@ class GradientFeaturizer:
         sw, sb = self._scale(layer.weight), self._scale(layer.bias)
         return [linear_factors(layer, a, g, sw, sb) for a, g in layer.calls]
 
-    def _layer_grads(self, layer: Layer, b: int) -> dict[str, Tensor]:
+    def _layer_grads(self, layer: Layer, b: int, bounds: Tensor | None = None) -> dict[str, Tensor]:
+        rows = b if bounds is None else len(bounds) - 1
         if not layer.calls:  # the layer did not run in this forward: zero gradients
-            return {n: self.params[n].new_zeros(b, *self.params[n].shape) for n in (layer.weight, layer.bias) if n}
+            return {n: self.params[n].new_zeros(rows, *self.params[n].shape) for n in (layer.weight, layer.bias) if n}
         if layer.factored:
-            parts = [factor_grads(layer, a, g) for a, g in self._factors(layer)]
+            parts = [factor_grads(layer, a, g, bounds) for a, g in self._factors(layer)]
         else:
-            parts = [{n: t * self._scale(n) for n, t in norm_grads(layer, a, g).items()} for a, g in layer.calls]
+            parts = [{n: segment_sum(t * self._scale(n), bounds) for n, t in norm_grads(layer, a, g).items()}
+                     for a, g in layer.calls]
         return {n: sum(p[n] for p in parts) for n in parts[0]}
 
-    def flat_grads(self, x: Tensor, y: Tensor) -> Tensor:
-        """Exact per-example gradients flattened in parameter order: (B, num_params)."""
-        grads = self.per_example_grads(x, y)
+    def flat_grads(self, x: Tensor, y: Tensor, bounds: Tensor | None = None) -> Tensor:
+        """Exact gradients flattened in parameter order: (B, num_params) per example, (R, num_params) per segment."""
+        grads = self.per_example_grads(x, y, bounds)
         return _check_finite(torch.cat([g.reshape(g.shape[0], -1).float() for g in grads.values()], 1), "gradients")
 
     def factors(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -228,29 +236,33 @@ class GradientFeaturizer:
         self._plan_key, self._plan = key, plan
         return plan
 
-    def __call__(self, x: Tensor, y: Tensor, key: tuple[int, ...] = (0,)) -> Tensor:
-        """Features (B, k) of the examples ``x`` (B, ...) with targets ``y`` (B,)."""
+    def __call__(self, x: Tensor, y: Tensor, key: tuple[int, ...] = (0,), bounds: Tensor | None = None) -> Tensor:
+        """Features (B, k) of the examples ``x`` (B, ...) with targets ``y`` (B,); with segment ``bounds`` (R + 1,),
+        features (R, k) of each segment's summed output (GGDA group features: the sum of its members' features,
+        computed from one batched backward without per-example gradients)."""
+        bounds = None if bounds is None else check_bounds(bounds, x.shape[0])
         if not self.proj_dim:
-            return self.flat_grads(x, y)
+            return self.flat_grads(x, y, bounds)
         plan = self._build_plan(tuple(key))
         if self.projection == "dense":
-            return _check_finite(plan["flat"]["proj"](self.flat_grads(x, y)), "projected gradients")
+            return _check_finite(plan["flat"]["proj"](self.flat_grads(x, y, bounds)), "projected gradients")
+        rows = x.shape[0] if bounds is None else len(bounds) - 1
         flags = self._requires_grad()
         try:
             parts, rest = [], []
             with layer_taps(self.module, self.layers, x, y, self.output_fn):
                 for layer in self.layers:
                     if not layer.factored:
-                        rest += [t.flatten(1).float() for t in self._layer_grads(layer, x.shape[0]).values()]
+                        rest += [t.flatten(1).float() for t in self._layer_grads(layer, x.shape[0], bounds).values()]
                         continue
                     proj = plan[layer.name]["proj"]
                     facs = self._factors(layer)
                     if not facs:
-                        parts.append(x.new_zeros(x.shape[0], plan[layer.name]["dim"], dtype=torch.float32))
+                        parts.append(x.new_zeros(rows, plan[layer.name]["dim"], dtype=torch.float32))
                     elif proj is None:
-                        parts.append(sum(torch.einsum("bso,bsi->boi", g, a) for a, g in facs).flatten(1).float())
+                        parts.append(sum(contract(a, g, bounds) for a, g in facs).flatten(1).float())
                     else:
-                        parts.append(sum(proj(a, g) for a, g in facs))
+                        parts.append(sum(proj(a, g, bounds) for a, g in facs))
             if rest:
                 flat = torch.cat(rest, 1)
                 proj = plan["rest"]["proj"]

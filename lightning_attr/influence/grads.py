@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from lightning_attr.influence.outputs import OutputFn
 
-__all__ = ["Layer", "plan_layers", "layer_taps", "func_grads", "linear_factors", "norm_grads", "factor_grads"]
+__all__ = ["Layer", "plan_layers", "layer_taps", "func_grads", "func_group_grads", "linear_factors", "norm_grads",
+           "factor_grads", "contract", "segment_sum", "check_bounds"]
 
 FACTORED = (nn.Linear, nn.Conv2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
@@ -118,9 +119,34 @@ def linear_factors(layer: Layer, a: Tensor, g: Tensor, scale_w: float = 1.0, sca
     return torch.cat(cols, -1) if len(cols) > 1 else cols[0], g
 
 
-def factor_grads(layer: Layer, a: Tensor, g: Tensor) -> dict[str, Tensor]:
-    """Per-example gradients ``{name: (B, *param.shape)}`` from a layer's factors (as built by ``linear_factors``)."""
-    full = torch.einsum("bso,bsi->boi", g, a)
+def check_bounds(bounds: Tensor, b: int) -> Tensor:
+    """Segment boundaries (R + 1,) of consecutive rows of a batch of ``b``: ``0 = b_0 < b_1 < ... < b_R = b``."""
+    bounds = torch.as_tensor(bounds).long().flatten().cpu()
+    if bounds.numel() < 2 or int(bounds[0]) != 0 or int(bounds[-1]) != b or bool((bounds.diff() <= 0).any()):
+        raise ValueError(f"segment bounds must rise strictly from 0 to the batch size {b}, got {bounds.tolist()}.")
+    return bounds
+
+
+def contract(a: Tensor, g: Tensor, bounds: Tensor | None = None) -> Tensor:
+    """``sum_s g_s a_s^T`` per example (``bounds`` None) -> (B, O, I), or summed over each segment of consecutive
+    examples ``bounds[r]:bounds[r + 1]`` -> (R, O, I): a group's gradient with one matmul, no per-example gradients."""
+    if bounds is None:
+        return torch.einsum("bso,bsi->boi", g, a)
+    return torch.stack([g[s:e].flatten(0, 1).T @ a[s:e].flatten(0, 1) for s, e in zip(bounds[:-1].tolist(),
+                                                                                    bounds[1:].tolist())])
+
+
+def segment_sum(t: Tensor, bounds: Tensor | None = None) -> Tensor:
+    """Rows of ``t`` (B, ...) summed over each segment (R, ...); unchanged when ``bounds`` is None."""
+    if bounds is None:
+        return t
+    ids = torch.repeat_interleave(torch.arange(len(bounds) - 1), bounds.diff()).to(t.device)
+    return t.new_zeros(len(bounds) - 1, *t.shape[1:]).index_add_(0, ids, t)
+
+
+def factor_grads(layer: Layer, a: Tensor, g: Tensor, bounds: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-example (or per-segment) gradients ``{name: (R, *param.shape)}`` from a layer's factors."""
+    full = contract(a, g, bounds)
     out, w = {}, layer.module.weight
     if layer.weight:
         out[layer.weight] = full[..., : w[0].numel()].reshape(-1, *w.shape)
@@ -170,3 +196,23 @@ def func_grads(module: nn.Module, params: dict[str, nn.Parameter], x: Tensor, y:
             "make the forward pass vmap-compatible (no in-place ops on inputs, no .item(), no data-dependent flow)."
         ) from err
     return grads, values
+
+
+def func_group_grads(module: nn.Module, params: dict[str, nn.Parameter], x: Tensor, y: Tensor, output_fn: OutputFn,
+                     bounds: Tensor) -> dict[str, Tensor]:
+    """Gradients ``{name: (R, *shape)}`` of each segment's summed output, by ordinary backward passes of one forward
+    (one batched vector-Jacobian product with one-hot rows; a loop over segments when vmap cannot batch it)."""
+    with torch.enable_grad():
+        values = output_fn(module(x), y)
+    rows = torch.repeat_interleave(torch.arange(len(bounds) - 1), bounds.diff()).to(values.device)
+    onehot = (rows.unsqueeze(0) == torch.arange(len(bounds) - 1, device=values.device).unsqueeze(1)).to(values.dtype)
+    names, tensors = list(params), list(params.values())
+    try:
+        grads = torch.autograd.grad(values, tensors, grad_outputs=onehot, is_grads_batched=True, allow_unused=True,
+                                    retain_graph=True)
+    except RuntimeError:
+        per = [torch.autograd.grad((values * w).sum(), tensors, allow_unused=True, retain_graph=True) for w in onehot]
+        grads = tuple(torch.stack([p[i] if p[i] is not None else torch.zeros_like(tensors[i]) for p in per])
+                      for i in range(len(tensors)))
+    return {n: g.detach() if g is not None else tensors[i].new_zeros(len(onehot), *tensors[i].shape)
+            for i, (n, g) in enumerate(zip(names, grads))}

@@ -100,9 +100,11 @@ class KroneckerProjector:
         k_out = int(min(out_dim, max(1, round(budget / k_in))))
         return k_in, k_out
 
-    def __call__(self, a: Tensor, g: Tensor) -> Tensor:
-        pa, pg = self.p_in(a), self.p_out(g)
-        return torch.einsum("bso,bsi->boi", pg, pa).flatten(1)
+    def __call__(self, a: Tensor, g: Tensor, bounds: Tensor | None = None) -> Tensor:
+        """(B, k_out * k_in) per example, or (R, k_out * k_in) per segment of ``bounds`` (see ``grads.contract``)."""
+        from lightning_attr.influence.grads import contract
+
+        return contract(self.p_in(a), self.p_out(g), bounds).flatten(1)
 
     def matrix(self) -> Tensor:
         """The dense equivalent (out_dim * in_dim, k_out * k_in) acting on row-major flattened O x I gradients."""
