@@ -16,10 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 from tqdm.auto import tqdm
 
+from lightning_attr.callbacks.grouped import group_batches, grouping_inputs, segments
 from lightning_attr.callbacks.influence_logging import log_topk
 from lightning_attr.callbacks.passes import attribution_loader, gather_by_index, isolated, train_dataset
 from lightning_attr.data.indexed import unpack_batch
 from lightning_attr.influence.features import GradientFeaturizer
+from lightning_attr.influence.groups import GROUPERS, Grouping, make_grouping
 from lightning_attr.influence.scores import Features, inner
 from lightning_attr.influence.topk import topk_blockwise
 from lightning_attr.io import atomic_write
@@ -47,6 +49,7 @@ class InfluenceCallback(L.Callback):
     method = "influence"
     output = "cross_entropy"
     uses_lr = True
+    mean_keys: tuple[str, ...] = ()  # per-example rows averaged (not summed) over a group's members
 
     def __init__(
         self,
@@ -72,6 +75,11 @@ class InfluenceCallback(L.Callback):
         index_key: str = "index",
         progress_bar: bool = True,
         prefix: str | None = None,
+        group_by: str | None = None,
+        num_groups: int | None = None,
+        group_size: int | None = None,
+        group_column: str | None = None,
+        group_seed: int = 0,
     ) -> None:
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and value < 1:
@@ -89,7 +97,17 @@ class InfluenceCallback(L.Callback):
         self.num_queries, self.top_k, self.noisy_labels = num_queries, top_k, noisy_labels
         self.keys = dict(input_key=input_key, label_key=label_key, index_key=index_key)
         self.progress_bar = progress_bar
-        self.prefix = prefix or self.method + ("_last_layer" if last_layer else "")
+        if group_by is not None:
+            if group_by not in GROUPERS:
+                raise ValueError(f"`group_by`={group_by!r} is not one of {GROUPERS} (or None for per-example).")
+            if group_by == "column" and not group_column:
+                raise ValueError("`group_by='column'` needs `group_column`, the batch key holding each example's group.")
+            if group_by not in ("class", "column") and (num_groups is None) == (group_size is None):
+                raise ValueError(f"`group_by`={group_by!r} needs exactly one of `num_groups` and `group_size`.")
+        self.group_by, self.num_groups, self.group_size = group_by, num_groups, group_size
+        self.group_column, self.group_seed = group_column, group_seed
+        self.grouping: Grouping | None = None
+        self.prefix = prefix or self.method + ("_last_layer" if last_layer else "") + ("_grouped" if group_by else "")
         self.records: list[dict[str, Any]] = []
         self.sums: dict[str, Tensor] = {}
         self.n_train: int | None = None
@@ -189,15 +207,11 @@ class InfluenceCallback(L.Callback):
         self.n_train = n
         with isolated(pl_module):
             self.featurizer.set_scales({k: v**0.5 for k, v in lrs.items()} if lrs else None)
-            local, idx = defaultdict(list), []
-            show = self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None
-            for batch in tqdm(loader, desc=f"{self.method} pass {c} (step {trainer.global_step})", disable=not show,
-                              leave=False, dynamic_ncols=True):
-                x, y, i = unpack_batch(move_data_to_device(batch, pl_module.device), **self.keys)
-                for k, v in self._featurize(x, y, key).items():
-                    local[k].append(v.detach())
-                idx.append(i)
-            data = gather_by_index(trainer, torch.cat(idx), {k: torch.cat(v) for k, v in local.items()}, n)
+            desc = f"{self.method} pass {c} (step {trainer.global_step})"
+            if self.group_by:
+                data = self._grouped_pass(trainer, pl_module, loader, key, desc)
+            else:
+                data = self._example_pass(trainer, pl_module, loader, key, desc)
             stored = self._finish(data)
             queries = self._query_examples(trainer)
             if queries is not None:
@@ -218,6 +232,66 @@ class InfluenceCallback(L.Callback):
             self._log(trainer, c)
         if trainer.world_size > 1:
             trainer.strategy.barrier()
+
+    def _bar(self, trainer: L.Trainer, iterable: Any, desc: str) -> Any:
+        show = self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None
+        return tqdm(iterable, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+
+    def _example_pass(self, trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader,
+                      key: tuple[int, ...], desc: str) -> dict[str, Tensor]:
+        """Per-example rows (n_train, ...) in dataset order, sharded by index and gathered."""
+        local, idx = defaultdict(list), []
+        for batch in self._bar(trainer, loader, desc):
+            x, y, i = unpack_batch(move_data_to_device(batch, pl_module.device), **self.keys)
+            for k, v in self._featurize(x, y, key).items():
+                local[k].append(v.detach())
+            idx.append(i)
+        return gather_by_index(trainer, torch.cat(idx), {k: torch.cat(v) for k, v in local.items()}, self.n_train)
+
+    def _make_grouping(self, trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader) -> Grouping:
+        """Run the grouper once (first pass), on every rank identically; saved with the results."""
+        needs_inputs = self.group_by != "random"
+        parts: dict[str, Tensor] = {}
+        if needs_inputs:
+            idx, local = grouping_inputs(self.group_by, pl_module, loader,
+                                         lambda b: unpack_batch(b, **self.keys), self.group_column, pl_module.device)
+            parts = gather_by_index(trainer, idx.to(pl_module.device),
+                                    {k: v.to(pl_module.device) for k, v in local.items()}, self.n_train)
+        grouping = make_grouping(self.group_by, self.n_train, self.num_groups, self.group_size, self.group_seed,
+                                 labels=parts.get("labels"), features=parts.get("features"), column=parts.get("column"))
+        if trainer.is_global_zero:
+            _save({"assignment": grouping.assignment}, os.path.join(self.directory, "groups.safetensors"))
+        return grouping
+
+    def _grouped_pass(self, trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader,
+                      key: tuple[int, ...], desc: str) -> dict[str, Tensor]:
+        """Per-group rows (n_groups, ...): batches hold whole groups (ranks own groups ``g % world``); each segment's
+        features come from one batched backward of its summed output; partial sums are all-reduced."""
+        if self.grouping is None:
+            self.grouping = self._make_grouping(trainer, pl_module, loader)
+        assignment = self.grouping.assignment
+        batches = group_batches(assignment, loader.batch_size or 64, trainer.world_size, trainer.global_rank)
+        grouped = DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn,
+                             num_workers=loader.num_workers)
+        sums: dict[str, Tensor] = {}
+        counts = torch.zeros(self.grouping.num_groups, device=pl_module.device)
+        for batch in self._bar(trainer, grouped, desc + " [grouped]"):
+            x, y, i = unpack_batch(move_data_to_device(batch, pl_module.device), **self.keys)
+            bounds, rows = segments(assignment[i.cpu()])
+            rows = rows.to(pl_module.device)
+            for k, v in self._featurize(x, y, key, bounds).items():
+                if k not in sums:
+                    sums[k] = v.new_zeros(self.grouping.num_groups, *v.shape[1:])
+                sums[k].index_add_(0, rows, v.detach())
+            counts.index_add_(0, rows, bounds.diff().to(counts))
+        if trainer.world_size > 1:
+            sums = {k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in sums.items()}
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        if not torch.equal(counts.cpu().long(), self.grouping.sizes):
+            raise RuntimeError("the grouped pass did not see every example exactly once; is `index` stable?")
+        sizes = self.grouping.sizes.to(counts)
+        return {k: (v / sizes.view(-1, *[1] * (v.dim() - 1)) if k in self.mean_keys else v).cpu()
+                for k, v in sums.items()}
 
     # ----------------------------------------------------------------------------------------------------- results
     def _noisy_mask(self, trainer: L.Trainer) -> Tensor | None:
@@ -241,21 +315,22 @@ class InfluenceCallback(L.Callback):
         return mask
 
     def _log(self, trainer: L.Trainer, c: int) -> None:
-        s = self.self_influence
+        s = self._rows_self_influence()
         p = self.prefix
         m = {f"{p}/self_influence_mean": float(s.mean()), f"{p}/self_influence_max": float(s.max()),
              f"{p}/checkpoints": float(c + 1)}
         noisy = self._noisy_mask(trainer)
-        if noisy is not None and 0 < int(noisy.sum()) < noisy.numel():
-            m[f"{p}/noisy_label_auc"] = float(noisy_label_auc(s, noisy))
+        if noisy is not None and 0 < int(noisy.sum()) < noisy.numel():  # grouped: each example gets its group's score
+            per_example = s[self.grouping.assignment] if self.grouping is not None else s
+            m[f"{p}/noisy_label_auc"] = float(noisy_label_auc(per_example, noisy))
         self.metrics = m
         for logger in trainer.loggers:
             logger.log_metrics(m, step=trainer.global_step)
         if "query" in self.sums and self._queries is not None:
-            scores = self._combine(self.sums["query"], 0, self.n_train)
-            top = topk_blockwise(lambda a, b: scores[a:b], self.n_train, self.top_k)
+            scores = self._combine(self.sums["query"], 0, self.n_rows)
+            top = topk_blockwise(lambda a, b: scores[a:b], self.n_rows, self.top_k)
             data, _, _ = self._data(trainer)
-            dataset = data.dataset if isinstance(data, DataLoader) else data
+            dataset = None if self.group_by else data.dataset if isinstance(data, DataLoader) else data
             log_topk(trainer, top, self._queries, dataset, self.keys, f"{p}/top_k",
                      os.path.join(self.directory, f"topk-{c:03d}.json"))
 
@@ -313,27 +388,73 @@ class InfluenceCallback(L.Callback):
         ``query`` yields batches like the training data (inputs, labels[, index]). Computed over train blocks of
         ``block`` rows; exact when the projection is off.
         """
+        if self.group_by:
+            raise RuntimeError(f"this callback attributes to groups (`group_by`={self.group_by!r}): use group_scores().")
+        return self._scores(query, batch_size, block)
+
+    def _scores(self, query: DataLoader | Dataset, batch_size: int, block: int) -> Tensor:
         queries = self.query_features(query, batch_size)
-        return torch.cat([self._block(queries, s, min(self.n_train, s + block)) for s in range(0, self.n_train, block)])
+        return torch.cat([self._block(queries, s, min(self.n_rows, s + block)) for s in range(0, self.n_rows, block)])
+
+    def group_scores(self, query: DataLoader | Dataset, batch_size: int = 256, block: int = 4096) -> Tensor:
+        """Scores (n_groups, n_query) of every group of training examples (see ``groups``) for every query example."""
+        if not self.group_by:
+            raise RuntimeError("this callback attributes to single examples: use scores(), or set `group_by`.")
+        return self._scores(query, batch_size, block)
 
     def topk(self, query: DataLoader | Dataset, k: int = 10, batch_size: int = 256, block: int = 4096
              ) -> dict[str, tuple[Tensor, Tensor]]:
-        """Top-k proponents / opponents ``(values, train indices)``, each (n_query, k), without the full matrix."""
+        """Top-k proponents / opponents ``(values, train indices)`` (group ids when grouped), each (n_query, k),
+        without the full matrix."""
         queries = self.query_features(query, batch_size)
-        return topk_blockwise(lambda a, b: self._block(queries, a, b), self.n_train, k, block)
+        return topk_blockwise(lambda a, b: self._block(queries, a, b), self.n_rows, k, block)
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the attribution: training examples, or groups with ``group_by``."""
+        if self.n_train is None:
+            raise RuntimeError("no attribution pass has run yet; fit with the callback first.")
+        return self.grouping.num_groups if self.group_by and self.grouping is not None else self.n_train
+
+    @property
+    def self_influence(self) -> Tensor:
+        """Self-influence (n_train,) of every training example, in dataset index order."""
+        if self.group_by:
+            raise RuntimeError(f"this callback attributes to groups (`group_by`={self.group_by!r}): use "
+                               "group_self_influence.")
+        return self._rows_self_influence()
+
+    @property
+    def group_self_influence(self) -> Tensor:
+        """Self-influence (n_groups,) of every group: the method applied to the group's summed gradient."""
+        if not self.group_by:
+            raise RuntimeError("this callback attributes to single examples: use self_influence, or set `group_by`.")
+        return self._rows_self_influence()
+
+    @property
+    def groups(self) -> Grouping:
+        """The grouping: ``groups.assignment`` (n_train,) maps each training example to its group."""
+        if self.grouping is None:
+            raise RuntimeError("no grouping yet: set `group_by` and fit with the callback first.")
+        return self.grouping
 
     # ------------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return dict(records=list(self.records), sums=dict(self.sums), n_train=self.n_train, dirpath=self._resolved_dir)
+        groups = None if self.grouping is None else self.grouping.assignment
+        return dict(records=list(self.records), sums=dict(self.sums), n_train=self.n_train, dirpath=self._resolved_dir,
+                    groups=groups, group_method=self.group_by)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.records = list(state_dict["records"])
         self.sums = dict(state_dict["sums"])
         self.n_train = state_dict["n_train"]
         self._resolved_dir = self.dirpath or state_dict["dirpath"]
+        if state_dict.get("groups") is not None:
+            self.grouping = Grouping(state_dict["groups"], state_dict["group_method"])
 
     # -------------------------------------------------------------------------------------------- subclass hooks
-    def _featurize(self, x: Tensor, y: Tensor, key: tuple[int, ...]) -> dict[str, Tensor]:
+    def _featurize(self, x: Tensor, y: Tensor, key: tuple[int, ...], bounds: Tensor | None = None
+                   ) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def _finish(self, data: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -345,6 +466,5 @@ class InfluenceCallback(L.Callback):
     def _combine(self, total: Tensor, start: int, stop: int) -> Tensor:
         raise NotImplementedError
 
-    @property
-    def self_influence(self) -> Tensor:
+    def _rows_self_influence(self) -> Tensor:
         raise NotImplementedError

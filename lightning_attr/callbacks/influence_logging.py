@@ -29,7 +29,8 @@ def to_image(x: Tensor) -> np.ndarray | None:
 def log_topk(trainer: L.Trainer, top: dict[str, tuple[Tensor, Tensor]], queries: tuple[Tensor, Tensor, Tensor],
              dataset: Any, keys: dict[str, str], key: str, json_path: str) -> None:
     """Write ``top`` (``{"proponents" | "opponents": (values, indices) (m, k)}``) for the query examples to
-    ``json_path`` and, for each ``WandbLogger``, log a table with one row per (query, rank)."""
+    ``json_path`` and, for each ``WandbLogger``, log a table with one row per (query, rank). ``dataset`` None: the
+    indices are group ids and the table shows no training images."""
     qx, qy, qi = queries
     rows = []
     for j in range(qx.shape[0]):
@@ -45,6 +46,8 @@ def log_topk(trainer: L.Trainer, top: dict[str, tuple[Tensor, Tensor]], queries:
     import wandb
 
     def item(i: int) -> tuple[Any, int]:
+        if dataset is None:  # grouped attribution: rows are groups, not images
+            return None, -1
         ex = dataset[i]
         x, y = (ex[keys["input_key"]], ex[keys["label_key"]]) if isinstance(ex, dict) else (ex[0], ex[1])
         img = to_image(torch.as_tensor(x))

@@ -36,20 +36,32 @@ class TracIn(InfluenceCallback):
         progress_bar: show a bar during passes (rank zero, when the trainer has one).
         prefix: metric / table key prefix (default ``tracin`` or ``tracin_last_layer``).
 
-    After fit: ``self_influence`` (n_train,), ``scores(query)`` (n_train, n_query), ``topk(query, k)``.
+        group_by / num_groups / group_size / group_column / group_seed: attribute to groups (GGDA) instead of
+            single examples: ``"class"``, ``"random"``, ``"embedding_kmeans"`` (penultimate features),
+            ``"gradient_kmeans"`` (last-layer gradients, within each class), or ``"column"`` (the batch key
+            ``group_column``). The grouping is made once, at the first pass, and saved (``groups.safetensors``).
+            Each group's gradient is that of its summed loss, from ordinary batched backward passes.
+
+    After fit: ``self_influence`` (n_train,), ``scores(query)`` (n_train, n_query), ``topk(query, k)``; grouped:
+    ``group_self_influence`` (n_groups,), ``group_scores(query)`` (n_groups, n_query), ``groups.assignment``.
     """
 
     method = "tracin"
     output = "cross_entropy"
     uses_lr = True
 
-    def _featurize(self, x: Tensor, y: Tensor, key: tuple[int, ...]) -> dict[str, Tensor]:
+    def _featurize(self, x: Tensor, y: Tensor, key: tuple[int, ...], bounds: Tensor | None = None
+                   ) -> dict[str, Tensor]:
         if self.featurizer_kwargs["last_layer"]:
+            if self.group_by:  # a group's last-layer gradient is a full O x I matrix: exact and small
+                return {"features": self.featurizer.flat_grads(x, y, bounds)}
             a, g = self.featurizer.factors(x, y)
             return {"a": a, "g": g}
-        return {"features": self.featurizer(x, y, key)}
+        return {"features": self.featurizer(x, y, key, bounds)}
 
     def _query_features(self, x: Tensor, y: Tensor, key: tuple[int, ...]) -> Features:
+        if self.featurizer_kwargs["last_layer"] and self.group_by:
+            return self.featurizer.flat_grads(x, y)
         f = self._featurize(x, y, key)
         return f["features"] if "features" in f else (f["a"], f["g"])
 
@@ -64,9 +76,8 @@ class TracIn(InfluenceCallback):
     def _combine(self, total: Tensor, start: int, stop: int) -> Tensor:
         return total
 
-    @property
-    def self_influence(self) -> Tensor:
-        """TracIn-CP self-influence ``sum_c eta_c ||grad l_c(z)||^2`` (n_train,), in dataset index order."""
+    def _rows_self_influence(self) -> Tensor:
+        """TracIn-CP self-influence ``sum_c eta_c ||grad l_c(z)||^2`` per row (example or group)."""
         if "self" not in self.sums:
             raise RuntimeError("no attribution pass has run yet; fit with the callback first.")
         return self.sums["self"]

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_attr.callbacks.influence import InfluenceCallback
+from lightning_attr.influence.grads import segment_sum
 from lightning_attr.influence.scores import Features, damped_inverse, out_to_loss, trak_kernel, xtx
 
 __all__ = ["TRAK"]
@@ -22,12 +23,14 @@ class TRAK(InfluenceCallback):
 
     Takes every argument of :class:`TracIn` (``last_layer`` selects the classifier's parameters and projects its
     gradients like any others) plus ``damping`` (default 1e-3, relative). ``proj_dim=None`` keeps exact gradients
-    (then ``X^T X`` is num_params x num_params: tiny models only).
+    (then ``X^T X`` is num_params x num_params: tiny models only). With ``group_by``, rows are groups: the features
+    of a group are those of its summed margin, its ``Q`` the mean of its members' (not additive: measure fidelity).
     """
 
     method = "trak"
     output = "margin"
     uses_lr = False
+    mean_keys = ("q",)  # a group's Q is the mean of its members'
 
     def __init__(self, *args, damping: float = 1e-3, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -35,10 +38,11 @@ class TRAK(InfluenceCallback):
             raise ValueError(f"`damping` must be >= 0, got {damping}.")
         self.damping = damping
 
-    def _featurize(self, x: Tensor, y: Tensor, key: tuple[int, ...]) -> dict[str, Tensor]:
-        feats = self.featurizer(x, y, key)
+    def _featurize(self, x: Tensor, y: Tensor, key: tuple[int, ...], bounds: Tensor | None = None
+                   ) -> dict[str, Tensor]:
+        feats = self.featurizer(x, y, key, bounds)
         with torch.no_grad():
-            q = out_to_loss(self.module(x), y)
+            q = segment_sum(out_to_loss(self.module(x), y), bounds)
         return {"x": feats, "q": q}
 
     def _query_features(self, x: Tensor, y: Tensor, key: tuple[int, ...]) -> Features:
@@ -61,9 +65,8 @@ class TRAK(InfluenceCallback):
     def state_dict(self):
         return {**super().state_dict(), "damping": self.damping}
 
-    @property
-    def self_influence(self) -> Tensor:
-        """TRAK self-influence (n_train,), in dataset index order."""
+    def _rows_self_influence(self) -> Tensor:
+        """TRAK self-influence per row (example or group)."""
         if "leverage" not in self.sums:
             raise RuntimeError("no attribution pass has run yet; fit with the callback first.")
         c = len(self.records) or 1
