@@ -89,3 +89,15 @@ def test_tracin_spec_parses():
                     run=False)
     tracin = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "TracIn"]
     assert len(tracin) == 1 and tracin[0].featurizer_kwargs["last_layer"]
+
+
+def test_ggda_config_runs(tmp_path):
+    cli = build_cli(["fit", "--config", str(CONFIGS / "digits_ggda_noisy.yaml"), *FAST, *small_data("init_args."),
+                     "--model.init_args.image_size", "16", "--model.init_args.model_kwargs", json.dumps(TINY_RESNET),
+                     "--data.init_args.val_fraction", "0.8", "--trainer.default_root_dir", str(tmp_path)])
+    found = {cb.prefix: cb for cb in cli.trainer.callbacks if hasattr(cb, "group_self_influence")}
+    assert set(found) == {"tracin_grouped", "trak_grouped"}
+    for prefix, cb in found.items():
+        assert cb.groups.assignment.shape == (len(cli.datamodule.splits["train"]),)
+        assert cb.group_self_influence.shape == (cb.groups.num_groups,)
+        assert 0 <= cb.metrics[f"{prefix}/noisy_recall_at_10pct"] <= 1

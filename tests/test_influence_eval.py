@@ -49,3 +49,30 @@ def test_lds_is_one_for_the_true_linear_datamodel_and_minus_one_reversed():
     assert -1 < noisy["lds"] < 1 and noisy["per_target"].shape == (4,) and noisy["actual"].shape == (40, 4)
     with pytest.raises(ValueError, match="one output per target"):
         lds(lambda s: torch.zeros(3), w, num_subsets=4)
+
+
+def test_noisy_label_recall_counts_groups_in_score_order():
+    from lightning_attr.evaluation import noisy_label_recall, recall_at
+
+    assignment = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3])
+    noisy = torch.tensor([1, 0, 0, 0, 1, 1, 0, 0]).bool()
+    curve = noisy_label_recall(torch.tensor([0.5, 0.1, 2.0, 0.0]), assignment, noisy)
+    # group 2 (3 examples, 2 noisy), then group 0 (2, 1 noisy), then group 1, then group 3
+    torch.testing.assert_close(curve["inspected"], torch.tensor([0, 3 / 8, 5 / 8, 7 / 8, 1], dtype=torch.float64))
+    torch.testing.assert_close(curve["recall"], torch.tensor([0, 2 / 3, 1, 1, 1], dtype=torch.float64))
+    assert recall_at(curve, 3 / 8) == pytest.approx(2 / 3)
+    per_example = noisy_label_recall(noisy.float(), torch.arange(8), noisy)
+    assert recall_at(per_example, 3 / 8) == pytest.approx(1.0)
+
+
+def test_prune_groups_removes_whole_groups_in_order():
+    from lightning_attr.evaluation import prune_groups, pruning_curve
+
+    assignment = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    scores = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert prune_groups(scores, assignment, 0.3).tolist() == [2, 3, 6, 7, 8, 9]  # groups 0 and 2 go (3 of 10 -> 4)
+    assert prune_groups(scores, assignment, 0.2, order="lowest").tolist() == [0, 1, 4, 5, 6, 7, 8, 9]
+    kept = prune_groups(scores, assignment, 0.2, seed=0)
+    assert kept.numel() == 8 and torch.equal(kept, prune_groups(scores, assignment, 0.2, seed=0))
+    curve = pruning_curve(lambda idx: float(idx.numel()), scores, assignment, fractions=(0.0, 0.2))
+    assert curve["scored"] == [10.0, 8.0] and curve["random"] == [10.0, 8.0]

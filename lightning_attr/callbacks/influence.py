@@ -20,6 +20,7 @@ from lightning_attr.callbacks.grouped import group_batches, grouping_inputs, seg
 from lightning_attr.callbacks.influence_logging import log_topk
 from lightning_attr.callbacks.passes import attribution_loader, gather_by_index, isolated, train_dataset
 from lightning_attr.data.indexed import unpack_batch
+from lightning_attr.evaluation import noisy_label_recall, recall_at
 from lightning_attr.influence.features import GradientFeaturizer
 from lightning_attr.influence.groups import GROUPERS, Grouping, make_grouping
 from lightning_attr.influence.scores import Features, inner
@@ -128,7 +129,7 @@ class InfluenceCallback(L.Callback):
         self.featurizer = GradientFeaturizer(pl_module, output=self.output, **self.featurizer_kwargs)
         if self._resolved_dir is None:
             root = trainer.log_dir or trainer.default_root_dir
-            self._resolved_dir = self.dirpath or os.path.join(root, self.method)
+            self._resolved_dir = self.dirpath or os.path.join(root, self.prefix)
             if trainer.world_size > 1:  # every rank must use rank zero's folder
                 self._resolved_dir = trainer.strategy.broadcast(self._resolved_dir)
 
@@ -323,6 +324,8 @@ class InfluenceCallback(L.Callback):
         if noisy is not None and 0 < int(noisy.sum()) < noisy.numel():  # grouped: each example gets its group's score
             per_example = s[self.grouping.assignment] if self.grouping is not None else s
             m[f"{p}/noisy_label_auc"] = float(noisy_label_auc(per_example, noisy))
+            rows = self.grouping.assignment if self.grouping is not None else torch.arange(self.n_train)
+            m[f"{p}/noisy_recall_at_10pct"] = recall_at(noisy_label_recall(s, rows, noisy), 0.1)
         self.metrics = m
         for logger in trainer.loggers:
             logger.log_metrics(m, step=trainer.global_step)

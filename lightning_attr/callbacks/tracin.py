@@ -19,7 +19,7 @@ class TracIn(InfluenceCallback):
     training is bit-identical with and without it. Sanity checks and ``fast_dev_run`` are skipped.
 
     Args:
-        dirpath: where results go (default ``{log_dir}/tracin``): per-checkpoint features and weights
+        dirpath: where results go (default ``{log_dir}/{prefix}``): per-checkpoint features and weights
             (safetensors), ``summary.safetensors``, ``checkpoints.json``, ``topk-NNN.json``; all written atomically.
         every_n_epochs / every_n_steps / at_fit_end: when passes run.
         parameters / module_types: which parameters (``fnmatch`` name patterns / layer types; default all trainable).

@@ -1,0 +1,1025 @@
+"""Influence benchmark: our TracIn-CP / TRAK against Captum and TRAK's ``traker``, side by side on CPU.
+
+Everything runs in one process on the same small digits CNN and the same checkpoints:
+
+1. **Model and checkpoints.** ``DigitsCNN`` (two 3x3 convs + two linear layers, 136,586 parameters, 1x32x32
+   digits) trained with plain torch SGD (momentum 0.9, 6 epochs, learning rate 0.1 halved every 2 epochs); a
+   checkpoint every 2 epochs keeps the state dict and the learning rate in effect. Every method loads these.
+2. **Agreement** (Spearman flattened and mean per query, max |a - b| / max |b|, top-10 overlap).
+   * TracIn-CP, exact gradients of all parameters: ours (``GradientFeaturizer(proj_dim=None)`` + ``tracin_scores``)
+     vs Captum ``TracInCP(sample_wise_grads_per_batch=True, loss_fn=CrossEntropyLoss(reduction="sum"))``; and our
+     projected TracIn-CP (Kronecker, dense; two seeds) against our exact scores (sketch quality).
+   * Last layer: ours ``last_layer=True`` (weight and bias, factored) and ours ``fc2.weight`` only vs Captum
+     ``TracInCPFast(final_fc_layer=fc2)`` (which uses the weight only).
+   * TRAK without projection (the classifier layer: ours ``parameters=["fc2.*"]``, ``traker`` with
+     ``NoOpProjector`` and ``grad_wrt``), the same absolute damping, at several dampings, both against a float64
+     solve. One checkpoint agrees up to one positive scalar (traker divides gradients by sqrt(#params) and rescales
+     ``(X^T X + lambda I)^-1`` by its mean absolute value); with several checkpoints that rescaling weights them
+     differently, so ours is also compared after applying traker's weights.
+   * TRAK with projection (all parameters, ``proj_dim``, every checkpoint): ours Kronecker (default) and dense vs
+     ``traker`` (``BasicProjector``, Gaussian), ours vs ours with another seed (noise floor), and every sketch
+     against exact unprojected TRAK (an n x n solve via ``X (X^T X + l I)^-1 = (X X^T + l I)^-1 X``).
+3. **Throughput** of one attribution pass (examples/s, all trainable parameters, batch 64, ``--threads`` threads,
+   warm-up excluded, interleaved rounds, best round kept): ours Kronecker (with and without TRAK's Q), ours dense,
+   ours exact features and exact self-influence, ``traker`` ``featurize`` (its default CPU projector, and a
+   one-block projector drawn once), Captum ``TracInCP`` ``self_influence`` and ``compute_intermediate_quantities``,
+   and a plain batched forward + backward of the summed loss (the limit).
+4. **Callback overhead:** a LightningModule around the CNN fitted for N epochs with and without
+   ``lightning_attr.callbacks.TracIn(last_layer=True, proj_dim=None, every_n_epochs=1)``; overhead in %, time per
+   pass, and whether the final weights are bit-identical.
+
+    python benchmarks/influence.py --out artifacts/bench/influence            # full run (~4 min on 2 cores)
+    python benchmarks/influence.py --out artifacts/bench/influence --quick    # smoke run (~20 s)
+    python benchmarks/influence.py --parts tracin,throughput                  # a subset
+
+Prints markdown tables; writes ``{out}/results.json`` and ``{out}/results.md`` (and the checkpoints under
+``{out}/checkpoints``, the callback's files under ``{out}/callback``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dataclass_replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # traker's progress bars; tqdm reads it when imported (by torch)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning_attr  # noqa: E402
+from lightning_attr import ImageDataModule  # noqa: E402
+from lightning_attr.influence import (  # noqa: E402
+    GradientFeaturizer,
+    damped_inverse,
+    out_to_loss,
+    tracin_scores,
+    trak_kernel,
+    trak_scores,
+    xtx,
+)
+from lightning_attr.io import atomic_write  # noqa: E402
+
+TARGETS = dict(tracin_spearman=0.99, trak_proj_spearman=0.95, vs_traker=10.0, vs_captum=1.2, vs_plain=0.5,
+               callback_overhead_pct=10.0)
+NUM_CLASSES = 10
+
+
+@dataclass
+class Settings:
+    """Sizes of one run (``--quick`` picks the small ones)."""
+
+    image_size: int = 32
+    epochs: int = 6
+    checkpoint_every: int = 2  # epochs between checkpoints (and learning-rate halvings): 3 checkpoints
+    lr: float = 0.1
+    lr_decay: float = 0.5
+    batch_size: int = 64
+    num_queries: int = 20
+    tracin_train: int = 500  # train subset of the TracIn agreement
+    trak_train: int = 0  # train subset of the TRAK agreement (0: the whole train split)
+    trak_proj_dim: int = 2048
+    damping: float = 1e-3  # relative: lambda = damping * mean(diag(X^T X)) (the package's default)
+    trak_noproj_dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    throughput_proj_dim: int = 2048
+    throughput_round_s: float = 3.0  # each timed round processes about this many seconds of batches
+    throughput_max_batches: int = 16
+    throughput_rounds: int = 5
+    callback_epochs: int = 5
+    callback_repeats: int = 3
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(epochs=4, num_queries=8, tracin_train=192, trak_train=640, trak_proj_dim=256,
+                   throughput_round_s=1.0, throughput_max_batches=4, throughput_rounds=1, callback_epochs=2,
+                   callback_repeats=1)
+
+
+# ----------------------------------------------------------------------------------------------------------- utils
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (elapsed seconds, 1-minute load average)."""
+    print(f"[influence {time.perf_counter() - _START:6.0f}s load {os.getloadavg()[0]:.1f}] {message}", file=sys.stderr,
+          flush=True)
+
+
+@contextlib.contextmanager
+def quiet() -> Any:
+    """Silence the libraries' warnings and loggers inside the block."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two equally shaped tensors (flattened)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.flatten().double().numpy(), b.flatten().double().numpy()).statistic)
+
+
+def per_query_spearman(a: Tensor, b: Tensor) -> float:
+    """Mean over query columns of the Spearman correlation of the train scores, (n_train, n_query) inputs."""
+    return float(np.mean([spearman(a[:, j], b[:, j]) for j in range(a.shape[1])]))
+
+
+def max_rel_err(a: Tensor, b: Tensor) -> float:
+    """``max |a - b| / max |b|``: the largest deviation relative to the largest score."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def fit_scale(a: Tensor, b: Tensor) -> float:
+    """Least-squares scalar ``s`` minimizing ``||s a - b||``."""
+    a, b = a.double().flatten(), b.double().flatten()
+    return float((a @ b) / (a @ a))
+
+
+def agreement(ours: Tensor, ref: Tensor) -> dict[str, float]:
+    """Spearman (flattened and mean per query), max relative error, top-10 overlap of each query's proponents."""
+    k = min(10, ours.shape[0])
+    top_ours, top_ref = ours.topk(k, 0).indices, ref.topk(k, 0).indices
+    overlap = np.mean([len(set(top_ours[:, j].tolist()) & set(top_ref[:, j].tolist())) / k
+                       for j in range(ours.shape[1])])
+    return dict(spearman=spearman(ours, ref), spearman_per_query=per_query_spearman(ours, ref),
+                max_rel_err=max_rel_err(ours, ref), top10_overlap=float(overlap))
+
+
+def batches(x: Tensor, y: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
+
+
+# ---------------------------------------------------------------------------------------------- model and data
+class DigitsCNN(nn.Module):
+    """Conv(1->16, 3x3) - ReLU - MaxPool - Conv(16->32, 3x3) - ReLU - MaxPool - Linear(32*(S/4)^2, 64) - ReLU -
+    Linear(64, 10)."""
+
+    def __init__(self, image_size: int = 32, channels: int = 1, width: int = 16, hidden: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.fc1 = nn.Linear(2 * width * (image_size // 4) ** 2, hidden)
+        self.fc2 = nn.Linear(hidden, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass
+class Data:
+    """The digits splits as tensors (images (N, 1, S, S) normalized to [-1, 1], labels (N,))."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+
+    @classmethod
+    def load(cls, image_size: int) -> Data:
+        dm = ImageDataModule("digits", image_size=image_size, channels=1, batch_size=64)
+        dm.setup()
+
+        def stack(split: str) -> tuple[Tensor, Tensor]:
+            ds = dm.splits[split]
+            items = [ds[i] for i in range(len(ds))]
+            return torch.stack([it["image"] for it in items]), torch.tensor([int(it["label"]) for it in items])
+
+        return cls(*stack("train"), *stack("val"))
+
+
+@dataclass
+class Checkpoint:
+    epoch: int
+    lr: float
+    state: dict[str, Tensor]
+    path: str
+    train_acc: float
+    val_acc: float
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    return float(torch.cat([model(xb).argmax(1) for xb, _ in batches(x, y, 512)]).eq(y).float().mean())
+
+
+def train_checkpoints(data: Data, s: Settings, out: Path, seed: int = 0) -> tuple[DigitsCNN, list[Checkpoint]]:
+    """Plain torch SGD (momentum 0.9), learning rate ``lr * lr_decay**(epoch // checkpoint_every)``; a checkpoint
+    (state dict + the learning rate of the epochs just finished) every ``checkpoint_every`` epochs."""
+    torch.manual_seed(seed)
+    model = DigitsCNN(s.image_size)
+    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    ckpts = []
+    for epoch in range(s.epochs):
+        lr = s.lr * s.lr_decay ** (epoch // s.checkpoint_every)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        order = torch.randperm(data.x_train.shape[0], generator=gen)
+        for i in range(0, order.numel(), s.batch_size):
+            idx = order[i : i + s.batch_size]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
+            opt.step()
+        if (epoch + 1) % s.checkpoint_every:
+            continue
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        path = str(out / "checkpoints" / f"epoch-{epoch:02d}.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({"state_dict": state, "lr": lr, "epoch": epoch}, path)
+        ck = Checkpoint(epoch, lr, state, path, accuracy(model, data.x_train, data.y_train),
+                        accuracy(model, data.x_val, data.y_val))
+        ckpts.append(ck)
+        log(f"checkpoint {epoch}: lr {lr:g}, train acc {ck.train_acc:.3f}, val acc {ck.val_acc:.3f}")
+    return model.eval(), ckpts
+
+
+def fresh_model(s: Settings, ck: Checkpoint) -> DigitsCNN:
+    model = DigitsCNN(s.image_size)
+    model.load_state_dict(ck.state)
+    return model.eval()
+
+
+def captum_loader(ckpts: Sequence[Checkpoint]) -> Callable[[nn.Module, str], float]:
+    """Captum ``checkpoints_load_func``: load the checkpoint's state dict (kept in memory) and return its lr."""
+    by_path = {ck.path: ck for ck in ckpts}
+
+    def load(model: nn.Module, path: str) -> float:
+        model.load_state_dict(by_path[path].state)
+        return by_path[path].lr
+
+    return load
+
+
+# ---------------------------------------------------------------------------------------------- TracIn agreement
+def ours_features(feat: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...], bs: int, factored=False):
+    parts = [feat.factors(xb, yb) if factored else feat(xb, yb, key) for xb, yb in batches(x, y, bs)]
+    return tuple(torch.cat(p) for p in zip(*parts)) if factored else torch.cat(parts)
+
+
+def tracin_ours(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor, xq: Tensor, yq: Tensor,
+                factored: bool = False, **kw: Any) -> Tensor:
+    """Our TracIn-CP scores (n_train, n_query) over the checkpoints."""
+    train, query = [], []
+    for c, ck in enumerate(ckpts):
+        model = fresh_model(s, ck)
+        feat = GradientFeaturizer(model, output="cross_entropy", **kw)
+        train.append(ours_features(feat, xt, yt, (c,), s.batch_size, factored))
+        query.append(ours_features(feat, xq, yq, (c,), s.batch_size, factored))
+    return tracin_scores(train, query, lrs=[ck.lr for ck in ckpts])
+
+
+def tracin_captum(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor, xq: Tensor, yq: Tensor,
+                  fast: bool = False) -> Tensor:
+    """Captum ``TracInCP`` (all layers, sample-wise grads per batch) or ``TracInCPFast`` (fc2) scores
+    (n_train, n_query)."""
+    from captum.influence import TracInCP, TracInCPFast
+
+    model = fresh_model(s, ckpts[0])
+    loader = DataLoader(TensorDataset(xt, yt), batch_size=s.batch_size, shuffle=False)
+    common = dict(train_dataset=loader, checkpoints=[ck.path for ck in ckpts],
+                  checkpoints_load_func=captum_loader(ckpts), loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                  batch_size=s.batch_size)
+    with quiet():
+        if fast:
+            tracin = TracInCPFast(model, final_fc_layer=model.fc2, **common)
+        else:
+            tracin = TracInCP(model, sample_wise_grads_per_batch=True, **common)
+        return tracin.influence((xq, yq)).T.contiguous()
+
+
+def run_tracin_agreement(s: Settings, data: Data, ckpts: Sequence[Checkpoint]) -> dict:
+    n = min(s.tracin_train, data.x_train.shape[0])
+    xt, yt = data.x_train[:n], data.y_train[:n]
+    xq, yq = data.x_val[: s.num_queries], data.y_val[: s.num_queries]
+    res: dict[str, Any] = dict(n_train=n, n_query=xq.shape[0], checkpoints=len(ckpts))
+
+    t = time.perf_counter()
+    ours = tracin_ours(s, ckpts, xt, yt, xq, yq, proj_dim=None)
+    t_ours = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = tracin_captum(s, ckpts, xt, yt, xq, yq)
+    t_ref = time.perf_counter() - t
+    res["exact"] = dict(**agreement(ours, ref), seconds_ours=t_ours, seconds_captum=t_ref, params=num_params(
+        fresh_model(s, ckpts[0])))
+    log(f"TracIn exact vs Captum TracInCP: {res['exact']}")
+
+    rows = []  # how well projected TracIn reproduces the exact scores
+    for projection, bs in (("kronecker", s.batch_size), ("dense", 512)):
+        for seed in (0, 1):
+            sk = tracin_ours(dataclass_replace(s, batch_size=bs), ckpts, xt, yt, xq, yq, proj_dim=s.trak_proj_dim,
+                             projection=projection, seed=seed)
+            dim = GradientFeaturizer(fresh_model(s, ckpts[0]), proj_dim=s.trak_proj_dim,
+                                     projection=projection).feature_dim
+            rows.append(dict(projection=projection, seed=seed, feature_dim=dim, **agreement(sk, ours)))
+            log(f"TracIn projected ({projection}, seed {seed}) vs exact: Spearman {rows[-1]['spearman']:.4f}")
+    res["sketch"] = dict(proj_dim=s.trak_proj_dim, rows=rows)
+
+    fast = tracin_captum(s, ckpts, xt, yt, xq, yq, fast=True)
+    ll = tracin_ours(s, ckpts, xt, yt, xq, yq, factored=True, last_layer=True)
+    w_only = tracin_ours(s, ckpts, xt, yt, xq, yq, factored=True, parameters=["fc2.weight"])
+    res["last_layer"] = agreement(ll, fast)
+    res["last_layer_weight_only"] = agreement(w_only, fast)
+    log(f"TracIn last layer (w+b) vs TracInCPFast: {res['last_layer']}")
+    log(f"TracIn last layer (weight only) vs TracInCPFast: {res['last_layer_weight_only']}")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ TRAK agreement
+@dataclass
+class TrakOut:
+    """Our TRAK scores and what the comparisons with traker need."""
+
+    scores: Tensor  # (n_train, n_query) = mean_c(K_c Phi_c^T) * mean_c(Q_c)
+    blocks: list[Tensor]  # per checkpoint K_c Phi_c^T
+    inv_mean_abs: list[float]  # per checkpoint mean |(X_c^T X_c + lambda I)^-1| (traker divides by it)
+    q_mean: Tensor  # (n_train,) mean_c(Q_c)
+    fp64: Tensor | None = None  # the same scores from the same features, X^T X and the solve in float64
+
+    def traker_weighted(self) -> Tensor:
+        """The scores with traker's checkpoint weights: ``mean_c(K_c Phi_c^T / mean|inverse_c|) * mean_c(Q_c)``
+        (proportional to ours when there is one checkpoint)."""
+        return sum(b / m for b, m in zip(self.blocks, self.inv_mean_abs)) / len(self.blocks) * self.q_mean[:, None]
+
+
+def trak_ours(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor, xq: Tensor, yq: Tensor,
+              damping: float, fp64: bool = False, **kw: Any) -> TrakOut:
+    """Our TRAK: ``GradientFeaturizer(output="margin")``, ``xtx``, ``damped_inverse``, ``trak_kernel``,
+    ``trak_scores``."""
+    kernels, phis, qs, blocks, inv_abs, blocks64 = [], [], [], [], [], []
+    for c, ck in enumerate(ckpts):
+        model = fresh_model(s, ck)
+        feat = GradientFeaturizer(model, output="margin", **kw)
+        x_c = ours_features(feat, xt, yt, (c,), s.batch_size)
+        inverse = damped_inverse(xtx(x_c), damping)
+        k_c = trak_kernel(x_c, inverse)
+        phi = ours_features(feat, xq, yq, (c,), s.batch_size)
+        with torch.no_grad():
+            q = torch.cat([out_to_loss(model(xb), yb) for xb, yb in batches(xt, yt, 512)])
+        kernels.append(k_c)
+        phis.append(phi)
+        qs.append(q)
+        blocks.append(k_c @ phi.T)
+        inv_abs.append(float(inverse.abs().mean()))
+        if fp64:
+            x64 = x_c.double()
+            gram = x64.T @ x64
+            lam = damping * float(gram.diagonal().mean())
+            blocks64.append(x64 @ torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype),
+                                                     phi.double().T))
+    q_mean = sum(qs) / len(qs)
+    ref = (sum(blocks64) / len(blocks64)) * q_mean.double()[:, None] if fp64 else None
+    return TrakOut(trak_scores(kernels, phis, qs), blocks, inv_abs, q_mean, ref)
+
+
+def make_traker(model: nn.Module, n_train: int, save_dir: str, proj_dim: int | None, seed: int = 0,
+                grad_wrt: Sequence[str] | None = None, projector: Any = None):
+    """A ``trak.TRAKer`` on CPU in fp32; ``proj_dim=None``: ``NoOpProjector`` (exact gradients)."""
+    from trak import TRAKer
+    from trak.projectors import NoOpProjector
+
+    if proj_dim is None:
+        projector = NoOpProjector(device="cpu")
+    with quiet():
+        return TRAKer(model=model, task="image_classification", train_set_size=n_train, save_dir=save_dir,
+                      load_from_save_dir=True, device="cpu", projector=projector, proj_dim=proj_dim or 0,
+                      use_half_precision=False, projector_seed=seed, grad_wrt=list(grad_wrt) if grad_wrt else None,
+                      logging_level=logging.ERROR)
+
+
+def trak_traker(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor, xq: Tensor, yq: Tensor,
+                dampings: Sequence[float], save_dir: str, proj_dim: int | None, seed: int = 0,
+                grad_wrt: Sequence[str] | None = None, projector: Any = None) -> dict[float, dict[str, Any]]:
+    """``traker`` scores (n_train, n_query) for each relative damping, over all checkpoints (``"all"``) and the last
+    one only (``"last"``), from one featurization.
+
+    ``lambda_reg`` is set per checkpoint to ``damping * mean(diag(X^T X))`` of traker's own features (the same
+    relative, hence absolute, damping as ours) and each checkpoint is finalized on its own.
+    """
+    model = fresh_model(s, ckpts[0])
+    traker = make_traker(model, xt.shape[0], save_dir, proj_dim, seed, grad_wrt, projector)
+    out: dict[float, dict[str, Any]] = {}
+    with quiet():
+        for c, ck in enumerate(ckpts):
+            traker.load_checkpoint(ck.state, model_id=c)
+            for xb, yb in batches(xt, yt, s.batch_size):
+                traker.featurize(batch=(xb, yb), num_samples=xb.shape[0])
+        diag_means = []
+        for c in range(len(ckpts)):
+            traker.saver.load_current_store(c)
+            g = torch.as_tensor(np.asarray(traker.saver.current_store["grads"]), dtype=torch.float64)
+            diag_means.append(float(g.pow(2).sum(0).mean()))
+        for i, damping in enumerate(dampings):
+            for c in range(len(ckpts)):
+                traker.saver.model_ids[c]["is_finalized"] = 0  # re-finalize with this checkpoint's lambda
+                traker.score_computer.lambda_reg = damping * diag_means[c]
+                if not getattr(traker.projector, "proj_matrix_available", True):
+                    # traker bug: finalize_features() calls projector.free_memory(), whose `del self.proj_matrix`
+                    # raises AttributeError on a second call; give it something to delete
+                    traker.projector.proj_matrix = torch.empty(0)
+                traker.finalize_features(model_ids=[c])
+            exp = f"queries_{i}"
+            if hasattr(traker.projector, "model_id"):
+                # traker bug: after free_memory() a one-block BasicProjector only regenerates its matrix when the
+                # model id changes; force it
+                traker.projector.model_id = -1
+            for c, ck in enumerate(ckpts):
+                traker.start_scoring_checkpoint(exp_name=exp, checkpoint=ck.state, model_id=c, num_targets=xq.shape[0])
+                traker.score(batch=(xq, yq), num_samples=xq.shape[0])
+            every = torch.as_tensor(np.array(traker.finalize_scores(exp_name=exp))).float()
+            last = torch.as_tensor(np.array(traker.finalize_scores(exp_name=exp, model_ids=[len(ckpts) - 1]))).float()
+            out[damping] = dict(all=every, last=last, lambdas=[damping * d for d in diag_means])
+    return out
+
+
+def run_trak_agreement(s: Settings, data: Data, ckpts: Sequence[Checkpoint], out: Path) -> dict:
+    n = s.trak_train or data.x_train.shape[0]
+    xt, yt = data.x_train[:n], data.y_train[:n]
+    xq, yq = data.x_val[: s.num_queries], data.y_val[: s.num_queries]
+    res: dict[str, Any] = dict(n_train=n, n_query=xq.shape[0], damping=s.damping)
+    tmp = Path(tempfile.mkdtemp(prefix="traker-", dir=out))
+    try:
+        # (a) no projection, classifier layer only: ours and traker against a float64 solve from our features.
+        # One checkpoint: traker = ours / (p * mean|inverse|), one scalar. Several: traker weights checkpoint c by
+        # 1 / mean|inverse_c|, so ours re-weighted the same way must match after one scalar too.
+        names = ["fc2.weight", "fc2.bias"]
+        params = sum(fresh_model(s, ckpts[0]).get_parameter(nm).numel() for nm in names)
+        t = time.perf_counter()
+        refs = trak_traker(s, ckpts, xt, yt, xq, yq, s.trak_noproj_dampings, str(tmp / "noproj"), None, grad_wrt=names)
+        res["noproj_seconds_traker"] = time.perf_counter() - t
+        rows = []
+        for damping in s.trak_noproj_dampings:
+            for cks, which in ((ckpts[-1:], "last"), (ckpts, "all")):
+                ours = trak_ours(s, cks, xt, yt, xq, yq, damping, fp64=True, parameters=names, proj_dim=None)
+                ref = refs[damping][which]
+                reweighted = ours.traker_weighted()
+                scale = fit_scale(reweighted, ref)
+                scale64 = fit_scale(ours.fp64, ref)
+                row = dict(damping=damping, checkpoints=len(cks), params=params, traker_lambda=refs[damping]["lambdas"],
+                           ours_vs_fp64=max_rel_err(ours.scores, ours.fp64),
+                           traker_vs_fp64_after_scale=max_rel_err(scale64 * ours.fp64, ref) if len(cks) == 1 else None,
+                           ours_vs_traker_after_scale=max_rel_err(scale * reweighted, ref), scale=scale,
+                           spearman_reweighted=spearman(reweighted, ref),
+                           **{f"plain_{k}": v for k, v in agreement(ours.scores, ref).items()})
+                rows.append(row)
+                log(f"TRAK no projection, damping {damping:g}, {len(cks)} checkpoint(s): ours vs fp64 "
+                    f"{row['ours_vs_fp64']:.2e}, traker vs fp64 {row['traker_vs_fp64_after_scale']}, ours (re-weighted)"
+                    f" vs traker {row['ours_vs_traker_after_scale']:.2e}, Spearman {row['plain_spearman']:.4f}")
+        res["noproj"] = rows
+
+        # (b) projected, all parameters, every checkpoint: ours (Kronecker default, dense) and traker, each against
+        # the other, against a second seed, and against exact (unprojected) TRAK
+        res["proj"] = run_trak_projected(s, ckpts, xt, yt, xq, yq, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+def trak_exact(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor, xq: Tensor, yq: Tensor,
+               damping: float, k: int) -> Tensor:
+    """Exact TRAK on all parameters (no projection) by the push-through identity
+    ``X (X^T X + lambda I)^-1 Phi^T = (X X^T + lambda I)^-1 X Phi^T`` (an n x n solve in float64), with
+    ``lambda = damping * ||X||_F^2 / k``: the absolute damping a k-dimensional sketch gets (E ||P x||^2 = ||x||^2)."""
+    blocks, qs = [], []
+    for c, ck in enumerate(ckpts):
+        model = fresh_model(s, ck)
+        feat = GradientFeaturizer(model, output="margin", proj_dim=None)
+        x_c = ours_features(feat, xt, yt, (c,), s.batch_size)
+        phi = ours_features(feat, xq, yq, (c,), s.batch_size)
+        gram, cross = (x_c @ x_c.T).double(), (x_c @ phi.T).double()
+        del x_c
+        lam = damping * float(gram.diagonal().sum()) / k
+        blocks.append(torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), cross))
+        with torch.no_grad():
+            qs.append(torch.cat([out_to_loss(model(xb), yb) for xb, yb in batches(xt, yt, 512)]))
+    return ((sum(blocks) / len(blocks)) * (sum(qs) / len(qs)).double()[:, None]).float()
+
+
+def run_trak_projected(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor, xq: Tensor, yq: Tensor,
+                       tmp: Path) -> dict:
+    from trak.projectors import BasicProjector, ProjectionType
+
+    k, dmp = s.trak_proj_dim, s.damping
+    scores: dict[str, Tensor] = {}
+    seconds: dict[str, float] = {}
+    big = 512  # dense: bigger batches, as its matrix (> the 256 MiB cache) is regenerated on every call
+    for name, kw, bs in (("ours kronecker", dict(projection="kronecker"), s.batch_size),
+                         ("ours dense", dict(projection="dense"), big)):
+        for seed in (0, 1):
+            t = time.perf_counter()
+            out = trak_ours(dataclass_replace(s, batch_size=bs), ckpts, xt, yt, xq, yq, dmp, proj_dim=k, seed=seed,
+                            **kw)
+            seconds[f"{name} seed {seed}"] = time.perf_counter() - t
+            scores[f"{name} seed {seed}"] = out.scores
+            if name == "ours kronecker" and seed == 0:
+                reweighted = out.traker_weighted()
+            log(f"TRAK projected: {name} seed {seed} done ({seconds[f'{name} seed {seed}']:.1f} s)")
+    with quiet():  # traker's own CPU projector (Gaussian), as one block so the matrix is drawn once per checkpoint
+        projector = BasicProjector(grad_dim=num_params(fresh_model(s, ckpts[0])), proj_dim=k, seed=0,
+                                   proj_type=ProjectionType.normal, device="cpu", block_size=k, dtype=torch.float32)
+    t = time.perf_counter()
+    scores["traker seed 0"] = trak_traker(s, ckpts, xt, yt, xq, yq, [dmp], str(tmp / "proj"), k,
+                                          projector=projector)[dmp]["all"]
+    seconds["traker seed 0"] = time.perf_counter() - t
+    log(f"TRAK projected: traker done ({seconds['traker seed 0']:.1f} s)")
+    t = time.perf_counter()
+    scores["exact"] = trak_exact(s, ckpts, xt, yt, xq, yq, dmp, k)
+    seconds["exact"] = time.perf_counter() - t
+    log(f"TRAK projected: exact reference done ({seconds['exact']:.1f} s)")
+    pairs = [("ours kronecker seed 0", "traker seed 0"), ("ours dense seed 0", "traker seed 0"),
+             ("ours kronecker seed 0", "ours kronecker seed 1"), ("ours dense seed 0", "ours dense seed 1"),
+             ("ours kronecker seed 0", "exact"), ("ours kronecker seed 1", "exact"), ("ours dense seed 0", "exact"),
+             ("ours dense seed 1", "exact"), ("traker seed 0", "exact")]
+    rows = [dict(a=a, b=b, **agreement(scores[a], scores[b])) for a, b in pairs]
+    for row in rows:
+        log(f"TRAK projected k={k}: {row['a']} vs {row['b']}: Spearman {row['spearman']:.4f}")
+    feature_dim = GradientFeaturizer(fresh_model(s, ckpts[0]), proj_dim=k).feature_dim
+    return dict(proj_dim=k, ours_kronecker_feature_dim=feature_dim, checkpoints=len(ckpts), damping=dmp,
+                params=num_params(fresh_model(s, ckpts[0])), rows=rows, seconds=seconds,
+                spearman=rows[0]["spearman"],
+                spearman_kronecker_reweighted_vs_traker=spearman(reweighted, scores["traker seed 0"]))
+
+
+# ---------------------------------------------------------------------------------------------------- throughput
+@dataclass
+class Job:
+    """One timed workload: ``run(n)`` processes the first ``n`` batches of the pass (``before`` runs untimed)."""
+
+    method: str
+    note: str
+    run: Callable[[int], Any]
+    before: Callable[[], None] | None = None
+    batches: int = 1
+    seconds: list[float] = field(default_factory=list)
+
+    def time_once(self, n: int) -> float:
+        if self.before is not None:
+            self.before()
+        start = time.perf_counter()
+        self.run(n)
+        return time.perf_counter() - start
+
+
+def throughput_jobs(s: Settings, model: nn.Module, ck: Checkpoint, data: Data, bs: int, tmp: Path) -> list[Job]:
+    """The workloads, all on the same model, checkpoint, data, batch size and projection size."""
+    from captum.influence import TracInCP
+    from trak.projectors import BasicProjector, ProjectionType
+
+    k = s.throughput_proj_dim
+    data_batches = batches(data.x_train, data.y_train, bs)
+    jobs = []
+
+    def plain(n: int) -> None:
+        for xb, yb in data_batches[:n]:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb, reduction="sum").backward()
+        model.zero_grad(set_to_none=True)
+
+    jobs.append(Job("plain forward+backward", "summed CE loss, batched (the limit)", plain))
+
+    def ours(output: str, with_q: bool, **kw: Any) -> Callable[[int], None]:
+        feat = GradientFeaturizer(model, output=output, **kw)
+
+        def run(n: int) -> None:
+            for xb, yb in data_batches[:n]:
+                feat(xb, yb, key=(0,))
+                if with_q:
+                    with torch.no_grad():
+                        out_to_loss(model(xb), yb)
+
+        return run
+
+    kron_dim = GradientFeaturizer(model, proj_dim=k).feature_dim
+    jobs.append(Job("ours kronecker", f"CE-gradient features, k={kron_dim} (the TracIn callback's pass)",
+                    ours("cross_entropy", False, proj_dim=k, projection="kronecker")))
+    jobs.append(Job("ours kronecker + Q", f"margin-gradient features k={kron_dim} + Q = 1 - p_y (a TRAK featurize)",
+                    ours("margin", True, proj_dim=k, projection="kronecker")))
+    jobs.append(Job("ours dense + Q", f"margin-gradient features k={k} + Q (a TRAK featurize); the matrix "
+                    f"({num_params(model) * k * 4 / 2**30:.1f} GiB > the 256 MiB cache) is redrawn every batch",
+                    ours("margin", True, proj_dim=k, projection="dense")))
+    exact = GradientFeaturizer(model, output="cross_entropy", proj_dim=None)
+    jobs.append(Job("ours exact features", f"flat per-example CE gradients (B, {exact.num_params})",
+                    ours("cross_entropy", False, proj_dim=None)))
+
+    def ours_sq_norms(n: int) -> None:
+        for xb, yb in data_batches[:n]:
+            exact.sq_norms(xb, yb)
+
+    jobs.append(Job("ours exact self-influence", "`sq_norms`: squared per-example gradient norms", ours_sq_norms))
+
+    def traker_job(name: str, note: str, projector: Any = None) -> Job:
+        traker = make_traker(model, data.x_train.shape[0], str(tmp / name.replace(" ", "_")), k, projector=projector)
+        with quiet():
+            traker.load_checkpoint(ck.state, model_id=0)
+
+        def reset() -> None:
+            traker.saver.current_store["is_featurized"][:] = 0
+
+        def run(n: int) -> None:
+            with quiet():
+                for i, (xb, yb) in enumerate(data_batches[:n]):
+                    traker.featurize(batch=(xb, yb), inds=np.arange(i * bs, i * bs + xb.shape[0]))
+
+        return Job(name, note, run, before=reset)
+
+    jobs.append(traker_job("traker featurize", f"default on CPU: BasicProjector, Gaussian, k={k} in blocks of 100 "
+                           "columns redrawn every batch; vmap gradients + projection + Q + mmap store"))
+    with quiet():
+        single = BasicProjector(grad_dim=num_params(model), proj_dim=k, seed=0, proj_type=ProjectionType.normal,
+                                device="cpu", block_size=k, dtype=torch.float32)
+    jobs.append(traker_job("traker featurize (1 block)", f"BasicProjector(block_size={k}): the matrix "
+                           f"({num_params(model) * k * 4 / 2**30:.1f} GiB) drawn once; otherwise as above", single))
+
+    loader_cache: dict[int, DataLoader] = {}
+
+    def loader(n: int) -> DataLoader:
+        if n not in loader_cache:
+            m = min(n * bs, data.x_train.shape[0])
+            loader_cache[n] = DataLoader(TensorDataset(data.x_train[:m], data.y_train[:m]), batch_size=bs)
+        return loader_cache[n]
+
+    with quiet():
+        captum = TracInCP(model, loader(1), checkpoints=[ck.path], checkpoints_load_func=captum_loader([ck]),
+                          loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=bs, sample_wise_grads_per_batch=True)
+
+    def captum_self(n: int) -> None:
+        with quiet():
+            captum.self_influence(loader(n), show_progress=False)
+
+    def captum_features(n: int) -> None:
+        with quiet():
+            captum.compute_intermediate_quantities(loader(n))
+
+    jobs.append(Job("Captum TracInCP self_influence", "1 checkpoint (state dict from memory); per-layer per-example "
+                    "gradients via hooks, squared norms", captum_self))
+    jobs.append(Job("Captum TracInCP compute_intermediate_quantities", "1 checkpoint; per-example gradients "
+                    "flattened and concatenated (B, #params), times lr", captum_features))
+    return jobs
+
+
+RATIOS = {  # name: (numerator, denominator)
+    "ours kronecker + Q / traker featurize": ("ours kronecker + Q", "traker featurize"),
+    "ours kronecker + Q / traker featurize (1 block)": ("ours kronecker + Q", "traker featurize (1 block)"),
+    "ours dense + Q / traker featurize": ("ours dense + Q", "traker featurize"),
+    "ours exact self-influence / Captum self_influence": (
+        "ours exact self-influence", "Captum TracInCP self_influence"),
+    "ours exact features / Captum compute_intermediate_quantities": (
+        "ours exact features", "Captum TracInCP compute_intermediate_quantities"),
+    "ours kronecker / Captum self_influence": ("ours kronecker", "Captum TracInCP self_influence"),
+    "ours kronecker / plain fwd+bwd": ("ours kronecker", "plain forward+backward"),
+    "ours kronecker + Q / plain fwd+bwd": ("ours kronecker + Q", "plain forward+backward"),
+    "ours exact features / plain fwd+bwd": ("ours exact features", "plain forward+backward"),
+}
+
+
+def run_throughput(s: Settings, data: Data, ckpts: Sequence[Checkpoint], out: Path) -> dict:
+    ck = ckpts[-1]
+    model = fresh_model(s, ck)
+    bs = s.batch_size
+    tmp = Path(tempfile.mkdtemp(prefix="traker-tp-", dir=out))
+    try:
+        jobs = throughput_jobs(s, model, ck, data, bs, tmp)
+        max_batches = min(s.throughput_max_batches, math.ceil(data.x_train.shape[0] / bs))
+        for job in jobs:  # warm-up (untimed) sizes each job's round to about `throughput_round_s` seconds
+            job.time_once(1)
+            t1 = job.time_once(1)
+            job.batches = int(min(max_batches, max(1, round(s.throughput_round_s / max(t1, 1e-6)))))
+            log(f"warm-up {job.method}: {bs / t1:.0f} ex/s on one batch -> {job.batches} batches per round")
+        for r in range(s.throughput_rounds):
+            for job in jobs:
+                job.seconds.append(job.time_once(job.batches))
+            log(f"throughput round {r + 1}/{s.throughput_rounds} done")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for job in jobs:
+        n = min(job.batches * bs, data.x_train.shape[0])
+        best = min(job.seconds)
+        rows.append(dict(method=job.method, note=job.note, examples=n, batch_size=bs, rounds=len(job.seconds),
+                         seconds=best, median_seconds=statistics.median(job.seconds), examples_per_s=n / best))
+    by = {r["method"]: r["examples_per_s"] for r in rows}
+    ratios = {name: by[num] / by[den] for name, (num, den) in RATIOS.items()}
+    for name, v in ratios.items():
+        log(f"ratio {name}: {v:.2f}")
+    return dict(proj_dim=s.throughput_proj_dim, params=num_params(model), checkpoint=ck.epoch, rows=rows, ratios=ratios)
+
+
+# ----------------------------------------------------------------------------------------------- callback overhead
+def run_callback_overhead(s: Settings, out: Path) -> dict:
+    import lightning as L
+
+    from lightning_attr.callbacks import TracIn
+
+    class TimedTracIn(TracIn):
+        """TracIn that records the wall time of each attribution pass (storage and logging included)."""
+
+        pass_seconds: list[float]
+
+        def run_pass(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            start = time.perf_counter()
+            super().run_pass(trainer, pl_module)
+            self.pass_seconds = getattr(self, "pass_seconds", []) + [time.perf_counter() - start]
+
+    class LitCNN(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = DigitsCNN(s.image_size)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.model(x)
+
+        def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+            return F.cross_entropy(self.model(batch["image"]), batch["label"])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=s.lr, momentum=0.9)
+
+    def fit(with_callback: bool, run: int) -> tuple[float, dict[str, Tensor], dict]:
+        L.seed_everything(0, verbose=False)
+        dm = ImageDataModule("digits", image_size=s.image_size, channels=1, batch_size=s.batch_size)
+        dm.setup()
+        module = LitCNN()
+        callbacks = []
+        if with_callback:
+            callbacks.append(TimedTracIn(dirpath=str(out / "callback" / f"tracin-{run}"), every_n_epochs=1,
+                                         last_layer=True, proj_dim=None, progress_bar=False, num_queries=0))
+        trainer = L.Trainer(max_epochs=s.callback_epochs, accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=callbacks, default_root_dir=str(out / "callback"))
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        seconds = time.perf_counter() - start
+        info = {}
+        if with_callback:
+            cb = callbacks[0]
+            info = dict(passes=len(cb.records), n_train=cb.n_train, pass_seconds=cb.pass_seconds,
+                        self_influence_mean=float(cb.self_influence.mean()))
+        return seconds, {k: v.detach().clone() for k, v in module.state_dict().items()}, info
+
+    shutil.rmtree(out / "callback", ignore_errors=True)  # no stale files from an earlier run
+    times: dict[bool, list[float]] = {False: [], True: []}
+    states: dict[bool, dict[str, Tensor]] = {}
+    info: dict = {}
+    with quiet():
+        fit(False, -1)  # warm-up (imports, data loading, first-touch allocations)
+        for r in range(s.callback_repeats):
+            for flag in (False, True):
+                sec, states[flag], inf = fit(flag, r)
+                times[flag].append(sec)
+                info = inf or info
+                log(f"callback fit {'with' if flag else 'without'} TracIn, run {r + 1}: {sec:.2f} s")
+    # what one pass must at least do: read the (unshuffled) train split once, as the training epoch does
+    dm = ImageDataModule("digits", image_size=s.image_size, channels=1, batch_size=s.batch_size)
+    dm.setup()
+    loading = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _batch in DataLoader(dm.splits["train"], batch_size=s.batch_size):
+            pass
+        loading.append(time.perf_counter() - start)
+    identical = all(torch.equal(states[False][k], states[True][k]) for k in states[False])
+    max_diff = max(float((states[False][k].float() - states[True][k].float()).abs().max()) for k in states[False])
+    best_off, best_on = min(times[False]), min(times[True])
+    return dict(epochs=s.callback_epochs, repeats=s.callback_repeats, seconds_without=times[False],
+                seconds_with=times[True], overhead_pct=100 * (best_on - best_off) / best_off,
+                overhead_pct_median=100 * (statistics.median(times[True]) - statistics.median(times[False]))
+                / statistics.median(times[False]),
+                bit_identical=identical, max_abs_weight_diff=max_diff, callback=info,
+                train_split_read_seconds=min(loading))
+
+
+# --------------------------------------------------------------------------------------------------------- report
+def verdicts(r: dict) -> list[dict]:
+    """Each target with the measured value and whether it is met."""
+    out = []
+
+    def add(name: str, value: float | None, target: float, higher: bool = True) -> None:
+        if value is None:
+            return
+        met = value >= target if higher else value <= target
+        out.append(dict(target=name, value=value, goal=f"{'>=' if higher else '<='} {target:g}", met=bool(met)))
+
+    ag = r.get("tracin")
+    if ag:
+        add("TracIn exact vs Captum TracInCP: Spearman", ag["exact"]["spearman"], TARGETS["tracin_spearman"])
+    tk = r.get("trak")
+    if tk:
+        add("TRAK projected vs traker: Spearman", tk["proj"]["spearman"], TARGETS["trak_proj_spearman"])
+    tp = r.get("throughput")
+    if tp:
+        for name, key in (("vs_traker", "ours kronecker + Q / traker featurize"),
+                          ("vs_captum", "ours exact self-influence / Captum self_influence"),
+                          ("vs_captum", "ours exact features / Captum compute_intermediate_quantities"),
+                          ("vs_plain", "ours kronecker / plain fwd+bwd")):
+            add(f"throughput {key}", tp["ratios"][key], TARGETS[name])
+    cb = r.get("callback")
+    if cb:
+        add("TracIn callback overhead %", cb["overhead_pct"], TARGETS["callback_overhead_pct"], higher=False)
+        out.append(dict(target="weights bit-identical with / without callback", value=cb["bit_identical"],
+                        goal="True", met=bool(cb["bit_identical"])))
+    return out
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Influence benchmark ({'quick' if r['settings'].get('quick') else 'full'} run)", "",
+             f"Command: `{r['command']}`  ", f"Wall time: {r['wall_seconds']:.0f} s; {r['environment']['device']}, "
+             f"torch {r['environment']['torch']} ({r['environment']['threads']} threads), captum "
+             f"{r['environment']['captum']}, traker {r['environment']['traker']}; load average at start / end: "
+             f"{r['environment']['load_start']} / {r['environment']['load_end']}", ""]
+    m = r["model"]
+    lines += [f"Model: `DigitsCNN` on 1x{m['image_size']}x{m['image_size']} digits, {m['params']} parameters; "
+              f"{m['n_train']} train / {m['n_val']} val examples. Checkpoints (SGD, momentum 0.9):", "",
+              "| checkpoint | lr | train acc | val acc |", "|---|---|---|---|"]
+    lines += [f"| {c['epoch']} | {c['lr']:g} | {c['train_acc']:.3f} | {c['val_acc']:.3f} |" for c in m["checkpoints"]]
+    if "tracin" in r:
+        t = r["tracin"]
+        lines += ["", f"## TracIn-CP agreement ({t['n_train']} train x {t['n_query']} val queries, {t['checkpoints']} "
+                  "checkpoints)", "",
+                  "| ours | reference | Spearman | Spearman per query | max rel err | top-10 overlap |",
+                  "|---|---|---|---|---|---|"]
+        for key, ours, ref in (("exact", "exact, all params", "Captum TracInCP (all layers)"),
+                               ("last_layer", "last_layer=True (fc2 weight+bias)", "Captum TracInCPFast(fc2)"),
+                               ("last_layer_weight_only", "fc2.weight only (factored)", "Captum TracInCPFast(fc2)")):
+            a = t[key]
+            lines.append(f"| {ours} | {ref} | {fmt(a['spearman'], 6)} | {fmt(a['spearman_per_query'], 6)} | "
+                         f"{fmt(a['max_rel_err'])} | {fmt(a['top10_overlap'], 3)} |")
+        lines += ["", "max rel err = max |ours - ref| / max |ref|.", "",
+                  f"Projected TracIn-CP (k={t['sketch']['proj_dim']}, all params) against our exact TracIn-CP "
+                  "(sketch quality):", "",
+                  "| sketch | seed | Spearman vs exact | Spearman per query | top-10 overlap |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {row['projection']} ({row['feature_dim']} features) | {row['seed']} | {fmt(row['spearman'])} | "
+                  f"{fmt(row['spearman_per_query'])} | {fmt(row['top10_overlap'], 3)} |" for row in t["sketch"]["rows"]]
+    if "trak" in r:
+        t = r["trak"]
+        lines += ["", f"## TRAK agreement ({t['n_train']} train x {t['n_query']} val queries)", "",
+                  f"(a) No projection, classifier layer only ({t['noproj'][0]['params']} params; ours "
+                  "`parameters=['fc2.*'], proj_dim=None` vs traker `NoOpProjector` + `grad_wrt`), the same absolute "
+                  "damping. fp64 = the same scores from our features with X^T X and the solve in float64. "
+                  "Ours re-weighted = ours with traker's per-checkpoint weights 1 / mean|(X_c^T X_c + lambda I)^-1| "
+                  "(identical to ours for one checkpoint).", "",
+                  "| damping (rel.) | checkpoints | ours vs fp64 | traker vs fp64 (1 scalar) | ours re-weighted vs "
+                  "traker (1 scalar) | Spearman ours vs traker | Spearman re-weighted vs traker |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in t["noproj"]:
+            tv = row["traker_vs_fp64_after_scale"]
+            lines.append(f"| {row['damping']:g} | {row['checkpoints']} | {fmt(row['ours_vs_fp64'])} | "
+                         f"{fmt(tv) if tv is not None else ''} | {fmt(row['ours_vs_traker_after_scale'])} | "
+                         f"{fmt(row['plain_spearman'], 6)} | {fmt(row['spearman_reweighted'], 6)} |")
+        p = t["proj"]
+        lines += ["", f"(b) Projected, all {p['params']} params, {p['checkpoints']} checkpoints, relative damping "
+                  f"{p['damping']:g}, k={p['proj_dim']}: ours Kronecker (default; Rademacher, "
+                  f"{p['ours_kronecker_feature_dim']} features), ours dense (Rademacher), traker (BasicProjector, "
+                  "Gaussian, one block). exact = unprojected TRAK on all parameters (n x n solve) with the absolute "
+                  "damping of a k-dim sketch.", "",
+                  "| a | b | Spearman | Spearman per query | top-10 overlap |", "|---|---|---|---|---|"]
+        lines += [f"| {row['a']} | {row['b']} | {fmt(row['spearman'])} | {fmt(row['spearman_per_query'])} | "
+                  f"{fmt(row['top10_overlap'], 3)} |" for row in p["rows"]]
+        lines += [f"| ours kronecker seed 0, re-weighted like traker | traker seed 0 | "
+                  f"{fmt(p['spearman_kronecker_reweighted_vs_traker'])} | | |"]
+    if "throughput" in r:
+        t = r["throughput"]
+        lines += ["", f"## Throughput (checkpoint {t['checkpoint']}, all {t['params']} params, k={t['proj_dim']}, "
+                  f"batch {t['rows'][0]['batch_size']}, best of {t['rows'][0]['rounds']} rounds)", "",
+                  "| method | examples/s | examples per round | what it includes |", "|---|---|---|---|"]
+        lines += [f"| {row['method']} | {row['examples_per_s']:.1f} | {row['examples']} | {row['note']} |"
+                  for row in t["rows"]]
+        lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in t["ratios"].items()]
+    if "callback" in r:
+        c = r["callback"]
+        lines += ["", f"## TracIn callback overhead ({c['epochs']} epochs, best of {c['repeats']})", "",
+                  "| without (s) | with (s) | overhead (best) | overhead (median) | bit-identical weights |",
+                  "|---|---|---|---|---|",
+                  f"| {', '.join(f'{v:.2f}' for v in c['seconds_without'])} | "
+                  f"{', '.join(f'{v:.2f}' for v in c['seconds_with'])} | {c['overhead_pct']:.1f} % | "
+                  f"{c['overhead_pct_median']:.1f} % | {c['bit_identical']} (max diff {c['max_abs_weight_diff']:g}) |",
+                  "", f"Each pass (last run): {', '.join(f'{v:.3f}' for v in c['callback']['pass_seconds'])} s over "
+                  f"{c['callback']['n_train']} examples; reading the train split once through a DataLoader alone takes "
+                  f"{c['train_split_read_seconds']:.3f} s; one epoch without the callback takes about "
+                  f"{min(c['seconds_without']) / c['epochs']:.3f} s."]
+    lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {v['target']} | {fmt(v['value'])} | {v['goal']} | {'yes' if v['met'] else '**no**'} |"
+              for v in r["verdicts"]]
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def load_now() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+PARTS = ("tracin", "trak", "throughput", "callback")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="artifacts/bench/influence", help="output folder")
+    parser.add_argument("--quick", action="store_true", help="smoke run: smaller sizes, one round")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+
+    torch.set_num_threads(args.threads)
+    s = Settings.quick() if args.quick else Settings()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import captum
+    import trak
+
+    results: dict[str, Any] = dict(
+        command="python benchmarks/influence.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        settings=dict(asdict(s), quick=args.quick, parts=parts, seed=args.seed), targets=TARGETS,
+        environment=dict(device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+                         torch=torch.__version__, captum=captum.__version__,
+                         traker=getattr(trak, "__version__", "0.3.2"), threads=torch.get_num_threads(),
+                         python=platform.python_version(), lightning_attr=getattr(lightning_attr, "__version__", "?"),
+                         load_start=load_now()))
+    start = time.perf_counter()
+    log(f"settings: {asdict(s)}")
+    data = Data.load(s.image_size)
+    _, ckpts = train_checkpoints(data, s, out, args.seed)
+    results["model"] = dict(image_size=s.image_size, params=num_params(DigitsCNN(s.image_size)),
+                            n_train=data.x_train.shape[0], n_val=data.x_val.shape[0],
+                            checkpoints=[dict(epoch=c.epoch, lr=c.lr, train_acc=c.train_acc, val_acc=c.val_acc,
+                                              path=c.path) for c in ckpts])
+    if "tracin" in parts:
+        results["tracin"] = run_tracin_agreement(s, data, ckpts)
+    if "trak" in parts:
+        results["trak"] = run_trak_agreement(s, data, ckpts, out)
+    if "throughput" in parts:
+        results["throughput"] = run_throughput(s, data, ckpts, out)
+    if "callback" in parts:
+        results["callback"] = run_callback_overhead(s, out)
+    results["verdicts"] = verdicts(results)
+    results["wall_seconds"] = time.perf_counter() - start
+    results["environment"]["load_end"] = load_now()
+
+    md = markdown(results)
+    print(md)
+    atomic_write(str(out / "results.json"),
+                 lambda tmp: Path(tmp).write_text(json.dumps(_jsonable(results), indent=2, default=float)))
+    atomic_write(str(out / "results.md"), lambda tmp: Path(tmp).write_text(md))
+    log(f"wrote {out / 'results.json'} and {out / 'results.md'} ({results['wall_seconds']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
