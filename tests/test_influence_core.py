@@ -8,6 +8,7 @@ from influence_models import brute_force_grads, tiny_cnn, tiny_mlp
 from torch import nn
 
 from lightning_attr.influence import (
+    CountSketch,
     GradientFeaturizer,
     KroneckerProjector,
     RandomProjector,
@@ -147,6 +148,9 @@ def test_projected_inner_products_are_unbiased(kind):
     full = torch.einsum("bso,bsi->boi", gr, a).flatten(1)
     kron = torch.stack([(lambda p: p @ p.T)(KroneckerProjector(5, 4, 2, 2, s, kind)(a, gr)) for s in range(3000)])
     _unbiased(kron.flatten(1), (full @ full.T).flatten())
+    if kind == "rademacher":  # the count sketch has no entry distribution to choose
+        sk = torch.stack([(lambda p: p @ p.T)(CountSketch(12, 4, s)(u)) for s in range(3000)])
+        _unbiased(sk.flatten(1), (u @ u.T).flatten())
 
 
 def test_kronecker_projection_equals_its_dense_matrix_and_never_forms_gradients():
@@ -163,12 +167,19 @@ def test_featurizer_projections_are_seeded_by_key_and_match_exact_in_expectation
     dense = GradientFeaturizer(model, proj_dim=32, projection="dense", seed=5)
     ref = exact @ RandomProjector(exact.shape[1], 32, 5, "rademacher", (7, 0)).matrix()
     torch.testing.assert_close(dense(x, y, (7,)), ref, rtol=1e-4, atol=1e-5)
-    kron = GradientFeaturizer(model, proj_dim=40)
-    assert kron.projection == "kronecker" and kron(x, y, (0,)).shape == (6, kron.feature_dim)
+    assert GradientFeaturizer(model, proj_dim=40).projection == "sketch"  # auto: small model
+    assert GradientFeaturizer(model, proj_dim=40, max_memory_mb=0.01).projection == "kronecker"  # auto: "big" one
+    sketch = GradientFeaturizer(model, proj_dim=32, projection="sketch", seed=5)
+    ref = exact @ CountSketch(exact.shape[1], 32, 5, (7, 3)).matrix()
+    torch.testing.assert_close(sketch(x, y, (7,)), ref, rtol=1e-4, atol=1e-5)
+    kron = GradientFeaturizer(model, proj_dim=40, projection="kronecker")
+    assert kron(x, y, (0,)).shape == (6, kron.feature_dim)
     torch.testing.assert_close(kron(x, y, (0,)), kron(x, y, (0,)))
     assert not torch.allclose(kron(x, y, (0,)), kron(x, y, (1,)))
-    gram = torch.stack([(lambda f: f @ f.T)(GradientFeaturizer(model, proj_dim=40, seed=s)(x, y)) for s in range(400)])
-    _unbiased(gram.flatten(1), (exact @ exact.T).flatten())
+    for projection in ("kronecker", "sketch"):
+        gram = torch.stack([(lambda f: f @ f.T)(GradientFeaturizer(model, proj_dim=40, projection=projection,
+                                                                   seed=s)(x, y)) for s in range(400)])
+        _unbiased(gram.flatten(1), (exact @ exact.T).flatten())
 
 
 def test_trak_without_projection_equals_a_dense_reference():
@@ -242,8 +253,8 @@ def test_nan_gradients_raise_naming_the_examples():
         GradientFeaturizer(model)(x, y)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(route="func"), dict(proj_dim=40), dict(proj_dim=32, projection="dense"),
-                                dict(last_layer=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(route="func"), dict(proj_dim=40, projection="kronecker"),
+                                dict(proj_dim=32, projection="dense"), dict(proj_dim=32), dict(last_layer=True)])
 def test_group_features_equal_the_sum_of_member_features(kw):
     """GGDA: a segment's gradient (one backward, no per-example gradients) is the sum of its members' gradients."""
     model = tiny_cnn()

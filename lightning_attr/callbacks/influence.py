@@ -65,6 +65,7 @@ class InfluenceCallback(L.Callback):
         projection: str = "auto",
         proj_type: str = "rademacher",
         seed: int = 0,
+        max_memory_mb: float = 1024.0,
         batch_size: int | None = None,
         attribution_data: Dataset | DataLoader | None = None,
         query_data: Dataset | None = None,
@@ -93,7 +94,8 @@ class InfluenceCallback(L.Callback):
             raise ValueError(f"`num_queries` must be >= 0 and `top_k` >= 1, got {num_queries} and {top_k}.")
         self.dirpath, self.every_n_epochs, self.every_n_steps, self.at_fit_end = dirpath, every_n_epochs, every_n_steps, at_fit_end
         self.featurizer_kwargs = dict(parameters=parameters, module_types=module_types, last_layer=last_layer,
-                                      proj_dim=proj_dim, projection=projection, proj_type=proj_type, seed=seed)
+                                      proj_dim=proj_dim, projection=projection, proj_type=proj_type, seed=seed,
+                                      max_memory_mb=max_memory_mb)
         self.batch_size, self.attribution_data, self.query_data = batch_size, attribution_data, query_data
         self.num_queries, self.top_k, self.noisy_labels = num_queries, top_k, noisy_labels
         self.keys = dict(input_key=input_key, label_key=label_key, index_key=index_key)

@@ -24,8 +24,10 @@ class TracIn(InfluenceCallback):
         every_n_epochs / every_n_steps / at_fit_end: when passes run.
         parameters / module_types: which parameters (``fnmatch`` name patterns / layer types; default all trainable).
         last_layer: exact fast path on the classifier layer only (``<a, a'><g, g'>``; no projection needed).
-        proj_dim: projection size (default 2048; None = exact gradients). ``projection``: ``"kronecker"`` (per
-            layer, LoGra), ``"dense"`` or ``"auto"``; ``proj_type``: rademacher / gaussian; ``seed``.
+        proj_dim: projection size (default 2048; None = exact gradients). ``projection``: ``"sketch"`` (count
+            sketch of the per-example gradient), ``"kronecker"`` (per layer, LoGra: fastest, noisier), ``"dense"``
+            or ``"auto"`` (sketch while 64 per-example gradients fit ``max_memory_mb``, else kronecker);
+            ``proj_type``: rademacher / gaussian entries of dense and Kronecker projections; ``seed``.
         batch_size / attribution_data: the pass's batch size and data (default: the datamodule's train split or
             the train loader's dataset; it must be unaugmented; a shuffled DataLoader is rejected).
         query_data / num_queries / top_k: top-k proponents and opponents of the first ``num_queries`` query examples

@@ -23,21 +23,26 @@ from lightning_attr.influence.grads import (
     layer_taps,
     linear_factors,
     norm_grads,
+    output_grads,
     plan_layers,
+    project_inputs,
     segment_sum,
 )
 from lightning_attr.influence.outputs import OutputFn, get_output_fn
 from lightning_attr.influence.parameters import last_linear, select_parameters
-from lightning_attr.influence.projector import KroneckerProjector, RandomProjector
+from lightning_attr.influence.projector import CountSketch, KroneckerProjector, RandomProjector
 
 __all__ = ["GradientFeaturizer", "PROJECTIONS", "ROUTES"]
 
-PROJECTIONS = ("auto", "kronecker", "dense")
+PROJECTIONS = ("auto", "sketch", "kronecker", "dense")
 ROUTES = ("auto", "layers", "func")
 
 
 def _check_finite(t: Tensor, what: str) -> Tensor:
-    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+    rows = t.reshape(t.shape[0], -1)
+    if bool(torch.isfinite(rows.sum()).item()):  # a NaN / inf anywhere makes the sum non-finite: one cheap pass
+        return t
+    bad = ~torch.isfinite(rows).all(1)
     if bad.any():
         raise FloatingPointError(f"non-finite {what} for batch positions {bad.nonzero().flatten().tolist()[:10]}; "
                                  "check the model's outputs and the loss on these examples.")
@@ -54,12 +59,16 @@ class GradientFeaturizer:
         last_layer: differentiate only the classifier layer (timm ``get_classifier()`` or the last ``nn.Linear``).
         output: ``"cross_entropy"`` (TracIn), ``"margin"`` (TRAK), ``"mse"`` or a callable ``(out, y) -> (B,)``.
         proj_dim: projection size k; None or 0 keeps exact gradients (k = number of selected parameters).
-        projection: ``"kronecker"`` (per-layer factored, never materializes big per-example gradients),
-            ``"dense"`` (one chunked matrix on the flat gradient) or ``"auto"`` (kronecker when the layer route
-            covers every selected parameter).
+        projection: ``"sketch"`` (count sketch of the flat per-example gradient: the accuracy of a dense
+            Rademacher projection at O(num_params) cost), ``"kronecker"`` (per layer, LoGra: never forms per-example
+            gradients, fastest, but much noisier at the same k), ``"dense"`` (one chunked Rademacher / Gaussian
+            matrix, as TRAK) or ``"auto"``: sketch while a batch of 64 per-example gradients fits ``max_memory_mb``,
+            else kronecker (when the layer route covers the parameters).
         proj_type: ``"rademacher"`` or ``"gaussian"`` entries.
         route: ``"layers"``, ``"func"`` (``torch.func.vmap``) or ``"auto"`` (layers when they cover the parameters).
         seed: projection seed.
+        max_memory_mb: a dense projection matrix up to this size is generated once and kept; larger ones are
+            regenerated block by block on every call.
     """
 
     def __init__(
@@ -74,6 +83,7 @@ class GradientFeaturizer:
         proj_type: str = "rademacher",
         route: str = "auto",
         seed: int = 0,
+        max_memory_mb: float = 1024.0,
     ) -> None:
         if projection not in PROJECTIONS:
             raise ValueError(f"`projection` must be one of {PROJECTIONS}, got {projection!r}.")
@@ -94,10 +104,12 @@ class GradientFeaturizer:
         self.proj_dim = proj_dim or None
         if projection == "kronecker" and self.layers is None and self.proj_dim:
             raise ValueError("`projection='kronecker'` needs the layer route (Linear / Conv2d / norm layers only).")
-        self.projection = "kronecker" if projection == "auto" and self.layers is not None else projection
-        if self.projection == "auto":
-            self.projection = "dense"
-        self.proj_type, self.seed = proj_type, seed
+        num_params = sum(p.numel() for p in self.params.values())
+        if projection == "auto":
+            big = num_params * 64 * 4 > max_memory_mb * 2**20
+            projection = "kronecker" if big and self.layers is not None else "sketch"
+        self.projection = projection
+        self.proj_type, self.seed, self.max_memory_mb = proj_type, seed, max_memory_mb
         self.scales: dict[str, float] = {}
         self._plan_key: tuple | None = None
         self._plan: dict = {}
@@ -111,15 +123,18 @@ class GradientFeaturizer:
     def _scale(self, name: str | None) -> float:
         return float(self.scales.get(name, 1.0)) if name else 1.0
 
-    def _requires_grad(self):
-        flags = {n: p.requires_grad for n, p in self.params.items()}
-        for p in self.params.values():
-            p.requires_grad_(True)
+    def _requires_grad(self) -> dict[nn.Parameter, bool]:
+        """Grad on for the selected parameters, off for all others (autograd then records only what it needs:
+        nothing below the classifier for ``last_layer``); returns the flags to restore."""
+        selected = {id(p) for p in self.params.values()}
+        flags = {p: p.requires_grad for p in self.module.parameters()}
+        for p in flags:
+            p.requires_grad_(id(p) in selected)
         return flags
 
-    def _restore(self, flags: dict[str, bool]) -> None:
-        for n, f in flags.items():
-            self.params[n].requires_grad_(f)
+    def _restore(self, flags: dict[nn.Parameter, bool]) -> None:
+        for p, f in flags.items():
+            p.requires_grad_(f)
 
     # --------------------------------------------------------------------------------------------- exact gradients
     def per_example_grads(self, x: Tensor, y: Tensor, bounds: Tensor | None = None) -> dict[str, Tensor]:
@@ -144,6 +159,14 @@ class GradientFeaturizer:
     def _factors(self, layer: Layer) -> list[tuple[Tensor, Tensor]]:
         sw, sb = self._scale(layer.weight), self._scale(layer.bias)
         return [linear_factors(layer, a, g, sw, sb) for a, g in layer.calls]
+
+    def _kronecker(self, layer: Layer, proj: KroneckerProjector, a: Tensor, g: Tensor, bounds: Tensor | None
+                   ) -> Tensor:
+        """One layer call's Kronecker-projected gradient (R, k_out * k_in); inputs are projected through the layer's
+        own op, so neither unfolded patches nor per-example gradients are formed."""
+        pa = project_inputs(layer, a, proj.p_in.cached(a.device), self._scale(layer.weight), self._scale(layer.bias))
+        pg = output_grads(layer, g) @ proj.p_out.cached(g.device)
+        return contract(pa, pg, bounds).flatten(1)
 
     def _layer_grads(self, layer: Layer, b: int, bounds: Tensor | None = None) -> dict[str, Tensor]:
         rows = b if bounds is None else len(bounds) - 1
@@ -213,8 +236,11 @@ class GradientFeaturizer:
         if key == self._plan_key:
             return self._plan
         k, seed, kind, plan = self.proj_dim, self.seed, self.proj_type, {}
-        if self.projection == "dense":
-            plan["flat"] = dict(dim=k, proj=RandomProjector(self.num_params, k, seed, kind, key + (0,)))
+        if self.projection == "sketch":
+            plan["flat"] = dict(dim=k, proj=CountSketch(self.num_params, k, seed, key + (3,)))
+        elif self.projection == "dense":
+            plan["flat"] = dict(dim=k, proj=RandomProjector(self.num_params, k, seed, kind, key + (0,),
+                                                            cache_mb=self.max_memory_mb))
         else:
             rest = 0
             for i, layer in enumerate(self.layers):
@@ -244,7 +270,7 @@ class GradientFeaturizer:
         if not self.proj_dim:
             return self.flat_grads(x, y, bounds)
         plan = self._build_plan(tuple(key))
-        if self.projection == "dense":
+        if self.projection in ("dense", "sketch"):
             return _check_finite(plan["flat"]["proj"](self.flat_grads(x, y, bounds)), "projected gradients")
         rows = x.shape[0] if bounds is None else len(bounds) - 1
         flags = self._requires_grad()
@@ -256,13 +282,12 @@ class GradientFeaturizer:
                         rest += [t.flatten(1).float() for t in self._layer_grads(layer, x.shape[0], bounds).values()]
                         continue
                     proj = plan[layer.name]["proj"]
-                    facs = self._factors(layer)
-                    if not facs:
+                    if not layer.calls:
                         parts.append(x.new_zeros(rows, plan[layer.name]["dim"], dtype=torch.float32))
                     elif proj is None:
-                        parts.append(sum(contract(a, g, bounds) for a, g in facs).flatten(1).float())
+                        parts.append(sum(contract(a, g, bounds) for a, g in self._factors(layer)).flatten(1).float())
                     else:
-                        parts.append(sum(proj(a, g, bounds) for a, g in facs))
+                        parts.append(sum(self._kronecker(layer, proj, a, g, bounds) for a, g in layer.calls))
             if rest:
                 flat = torch.cat(rest, 1)
                 proj = plan["rest"]["proj"]

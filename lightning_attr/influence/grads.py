@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_attr.influence.outputs import OutputFn
 
 __all__ = ["Layer", "plan_layers", "layer_taps", "func_grads", "func_group_grads", "linear_factors", "norm_grads",
-           "factor_grads", "contract", "segment_sum", "check_bounds"]
+           "factor_grads", "contract", "segment_sum", "check_bounds", "project_inputs", "output_grads"]
 
 FACTORED = (nn.Linear, nn.Conv2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
@@ -108,15 +108,39 @@ def linear_factors(layer: Layer, a: Tensor, g: Tensor, scale_w: float = 1.0, sca
     m, b = layer.module, a.shape[0]
     if isinstance(m, nn.Conv2d):
         a = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
-        g = g.flatten(2).transpose(1, 2)
     else:
-        a, g = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+        a = a.reshape(b, -1, a.shape[-1])
+    g = output_grads(layer, g) if g.numel() else g
     cols = []
     if layer.weight:
         cols.append(a * scale_w if scale_w != 1.0 else a)
     if layer.bias:
         cols.append(torch.full_like(a[..., :1], scale_b))
     return torch.cat(cols, -1) if len(cols) > 1 else cols[0], g
+
+
+def project_inputs(layer: Layer, a: Tensor, p_in: Tensor, scale_w: float = 1.0, scale_b: float = 1.0) -> Tensor:
+    """``linear_factors(layer, a)[0] @ p_in`` (B, S, k_in) without forming the factor: the weight rows of ``p_in``
+    (I' x k_in) act through the layer's own op (``conv2d`` / ``linear``), the bias row is added as a bias."""
+    m, b = layer.module, a.shape[0]
+    w = p_in[: p_in.shape[0] - 1] if layer.bias else p_in
+    bias = p_in[-1] * scale_b if layer.bias else None
+    if not layer.weight:  # bias only: the factor is a column of ones
+        positions = linear_factors(layer, a, a.new_zeros(0), 1.0, 1.0)[0].shape[1] if isinstance(m, nn.Conv2d) \
+            else a.reshape(b, -1, a.shape[-1]).shape[1]
+        return bias.expand(b, positions, -1)
+    w = w.T * scale_w  # (k_in, I)
+    if isinstance(m, nn.Conv2d):
+        out = F.conv2d(a, w.reshape(-1, *m.weight.shape[1:]), bias, m.stride, m.padding, m.dilation)
+        return out.flatten(2).transpose(1, 2)
+    return F.linear(a.reshape(b, -1, a.shape[-1]), w, bias)
+
+
+def output_grads(layer: Layer, g: Tensor) -> Tensor:
+    """A layer call's output gradient as (B, S, O)."""
+    if isinstance(layer.module, nn.Conv2d):
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
 def check_bounds(bounds: Tensor, b: int) -> Tensor:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["mix_seed", "RandomProjector", "KroneckerProjector", "PROJECTION_TYPES"]
+__all__ = ["mix_seed", "RandomProjector", "KroneckerProjector", "CountSketch", "PROJECTION_TYPES"]
 
 PROJECTION_TYPES = ("rademacher", "gaussian")
 
@@ -66,14 +66,19 @@ class RandomProjector:
         """The whole scaled matrix (in_dim, out_dim); for tests and small projections."""
         return torch.cat([self.block(i, device) for i in range(self.num_blocks)])
 
+    def cached(self, device: torch.device | str) -> Tensor:
+        """The whole matrix on ``device``, generated once (only for matrices within ``cache_mb``)."""
+        device = torch.device(device)
+        if device not in self._cache:
+            self._cache[device] = self.matrix(device)
+        return self._cache[device]
+
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"projector expects inputs with last dimension {self.in_dim}, got {tuple(x.shape)}.")
         x = x.float()
         if self.cacheable:
-            if x.device not in self._cache:
-                self._cache[x.device] = self.matrix(x.device)
-            return x @ self._cache[x.device]
+            return x @ self.cached(x.device)
         out = x.new_zeros(*x.shape[:-1], self.out_dim)
         for i in range(self.num_blocks):
             out += x[..., i * self.rows : (i + 1) * self.rows] @ self.block(i, x.device)
@@ -89,8 +94,8 @@ class KroneckerProjector:
 
     def __init__(self, in_dim: int, out_dim: int, k_in: int, k_out: int, seed: int = 0, kind: str = "rademacher",
                  key: tuple[int, ...] = ()) -> None:
-        self.p_in = RandomProjector(in_dim, k_in, seed, kind, key + (0,))
-        self.p_out = RandomProjector(out_dim, k_out, seed, kind, key + (1,))
+        self.p_in = RandomProjector(in_dim, k_in, seed, kind, key + (0,), cache_mb=float("inf"))
+        self.p_out = RandomProjector(out_dim, k_out, seed, kind, key + (1,), cache_mb=float("inf"))
         self.out_dim_total = k_in * k_out
 
     @staticmethod
@@ -109,3 +114,36 @@ class KroneckerProjector:
     def matrix(self) -> Tensor:
         """The dense equivalent (out_dim * in_dim, k_out * k_in) acting on row-major flattened O x I gradients."""
         return torch.kron(self.p_out.matrix(), self.p_in.matrix())
+
+
+class CountSketch:
+    """``x (B, in_dim) -> (B, out_dim)``: coordinate ``i`` is added with sign ``s_i`` to bucket ``h_i`` (seeded).
+
+    ``E[<Sx, Sy>] = <x, y>`` with the same variance as a dense Rademacher projection of that size
+    (``(|x|^2 |y|^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / out_dim``) at O(in_dim) cost per row instead of
+    O(in_dim * out_dim). Hashes are drawn on the CPU in groups of 256 coordinates, so they do not depend on the device.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, seed: int = 0, key: tuple[int, ...] = ()) -> None:
+        if in_dim < 1 or out_dim < 1:
+            raise ValueError(f"projection sizes must be >= 1, got in_dim={in_dim}, out_dim={out_dim}.")
+        self.in_dim, self.out_dim = in_dim, out_dim
+        buckets, signs = [], []
+        for j in range(math.ceil(in_dim / RandomProjector.GROUP)):
+            n = min(RandomProjector.GROUP, in_dim - j * RandomProjector.GROUP)
+            g = torch.Generator().manual_seed(mix_seed(seed, *key, j))
+            buckets.append(torch.randint(0, out_dim, (n,), generator=g))
+            signs.append(torch.randint(0, 2, (n,), generator=g).float().mul_(2).sub_(1))
+        self.buckets, self.signs = torch.cat(buckets), torch.cat(signs)
+
+    def matrix(self) -> Tensor:
+        """The dense equivalent (in_dim, out_dim); for tests."""
+        return torch.zeros(self.in_dim, self.out_dim).index_put_((torch.arange(self.in_dim), self.buckets), self.signs)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"sketch expects inputs with last dimension {self.in_dim}, got {tuple(x.shape)}.")
+        if self.buckets.device != x.device:
+            self.buckets, self.signs = self.buckets.to(x.device), self.signs.to(x.device)
+        x = x.float().reshape(-1, self.in_dim)
+        return x.new_zeros(x.shape[0], self.out_dim).index_add_(1, self.buckets, x * self.signs)
