@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -29,6 +29,16 @@ from lightning_attr.io import atomic_write
 from lightning_attr.metrics.noisy_label import noisy_label_auc
 
 __all__ = ["InfluenceCallback"]
+
+
+def _tensors(batch: Any) -> list[Tensor]:
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        return [t for v in batch.values() for t in _tensors(v)]
+    if isinstance(batch, (list, tuple)):
+        return [t for v in batch for t in _tensors(v)]
+    return []
 
 
 def _cpu(feats: Features) -> Features:
@@ -66,6 +76,7 @@ class InfluenceCallback(L.Callback):
         proj_type: str = "rademacher",
         seed: int = 0,
         max_memory_mb: float = 1024.0,
+        cache_inputs_mb: float = 512.0,
         batch_size: int | None = None,
         attribution_data: Dataset | DataLoader | None = None,
         query_data: Dataset | None = None,
@@ -99,7 +110,8 @@ class InfluenceCallback(L.Callback):
         self.batch_size, self.attribution_data, self.query_data = batch_size, attribution_data, query_data
         self.num_queries, self.top_k, self.noisy_labels = num_queries, top_k, noisy_labels
         self.keys = dict(input_key=input_key, label_key=label_key, index_key=index_key)
-        self.progress_bar = progress_bar
+        self.progress_bar, self.cache_inputs_mb = progress_bar, cache_inputs_mb
+        self._input_cache: dict[str, list] = {}
         if group_by is not None:
             if group_by not in GROUPERS:
                 raise ValueError(f"`group_by`={group_by!r} is not one of {GROUPERS} (or None for per-example).")
@@ -236,15 +248,34 @@ class InfluenceCallback(L.Callback):
         if trainer.world_size > 1:
             trainer.strategy.barrier()
 
-    def _bar(self, trainer: L.Trainer, iterable: Any, desc: str) -> Any:
+    def _bar(self, trainer: L.Trainer, iterable: Any, desc: str, total: int) -> Any:
         show = self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None
-        return tqdm(iterable, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+        return tqdm(iterable, desc=desc, total=total, disable=not show, leave=False, dynamic_ncols=True)
+
+    def _batches(self, loader: DataLoader, name: str) -> Iterator[Any]:
+        """The loader's batches; kept in memory after the first pass while they fit ``cache_inputs_mb`` (the
+        attribution data is unaugmented, so every pass reads the same batches)."""
+        if name in self._input_cache:
+            yield from self._input_cache[name]
+            return
+        kept: list | None = [] if self.cache_inputs_mb > 0 else None
+        size = 0
+        for batch in loader:
+            if kept is not None:
+                size += sum(t.numel() * t.element_size() for t in _tensors(batch))
+                if size <= self.cache_inputs_mb * 2**20:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        if kept is not None:
+            self._input_cache[name] = kept
 
     def _example_pass(self, trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader,
                       key: tuple[int, ...], desc: str) -> dict[str, Tensor]:
         """Per-example rows (n_train, ...) in dataset order, sharded by index and gathered."""
         local, idx = defaultdict(list), []
-        for batch in self._bar(trainer, loader, desc):
+        for batch in self._bar(trainer, self._batches(loader, "examples"), desc, len(loader)):
             x, y, i = unpack_batch(move_data_to_device(batch, pl_module.device), **self.keys)
             for k, v in self._featurize(x, y, key).items():
                 local[k].append(v.detach())
@@ -278,7 +309,7 @@ class InfluenceCallback(L.Callback):
                              num_workers=loader.num_workers)
         sums: dict[str, Tensor] = {}
         counts = torch.zeros(self.grouping.num_groups, device=pl_module.device)
-        for batch in self._bar(trainer, grouped, desc + " [grouped]"):
+        for batch in self._bar(trainer, self._batches(grouped, "groups"), desc + " [grouped]", len(batches)):
             x, y, i = unpack_batch(move_data_to_device(batch, pl_module.device), **self.keys)
             bounds, rows = segments(assignment[i.cpu()])
             rows = rows.to(pl_module.device)

@@ -34,6 +34,9 @@ class TracIn(InfluenceCallback):
             (default: the validation split) are logged each pass (a W&B table with images under a ``WandbLogger``).
         noisy_labels: which training labels are known to be corrupted (bool mask, index list, or the name of a
             datamodule attribute such as ``"noisy_mask"``); the noisy-label AUC of the self-influence is logged.
+        max_memory_mb: cap of a kept dense projection matrix / the ``auto`` projection's per-batch gradients.
+        cache_inputs_mb: the pass's input batches are kept in memory after the first pass while they fit (the
+            attribution data is unaugmented, so every pass reads the same batches); 0 turns this off.
         input_key / label_key / index_key: keys of dict batches (tuple batches are ``(inputs, labels, ..., index)``).
         progress_bar: show a bar during passes (rank zero, when the trainer has one).
         prefix: metric / table key prefix (default ``tracin`` or ``tracin_last_layer``).
