@@ -3,13 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	touch $(BENCH_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lightning_attr.demo --out artifacts/demo
@@ -17,8 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
-	$(PY) benchmarks/amortization.py
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/amortization.py --out artifacts/bench
+	$(PY) benchmarks/influence.py --out artifacts/bench/influence
+	$(PY) benchmarks/ggda.py --out artifacts/bench/ggda
 
 clean:
 	rm -rf artifacts lightning_logs wandb .pytest_cache

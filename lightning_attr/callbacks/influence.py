@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from collections import defaultdict
 from typing import Any, Iterator, Sequence
 
@@ -243,7 +244,7 @@ class InfluenceCallback(L.Callback):
         self.records.append(record)
         if trainer.is_global_zero:
             records = json.dumps(self.records, indent=1)
-            atomic_write(os.path.join(self.directory, "checkpoints.json"), lambda tmp: open(tmp, "w").write(records))
+            atomic_write(os.path.join(self.directory, "checkpoints.json"), lambda tmp: Path(tmp).write_text(records))
             self._log(trainer, c)
         if trainer.world_size > 1:
             trainer.strategy.barrier()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -39,7 +40,7 @@ def log_topk(trainer: L.Trainer, top: dict[str, tuple[Tensor, Tensor]], queries:
                              proponent=int(top["proponents"][1][j, r]), proponent_score=float(top["proponents"][0][j, r]),
                              opponent=int(top["opponents"][1][j, r]), opponent_score=float(top["opponents"][0][j, r])))
     text = json.dumps(rows, indent=1)
-    atomic_write(json_path, lambda tmp: open(tmp, "w").write(text))
+    atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
     wandb_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
     if not wandb_loggers:
         return
