@@ -201,3 +201,20 @@ def test_bad_input_is_named(tmp_path):
         fit(tmp_path, Tiny(), [TracIn(attribution_data=shuffled, num_queries=0)])
     with pytest.raises(ValueError, match="noisy_labels.*nope"):
         fit(tmp_path, Tiny(), [TracIn(noisy_labels="nope", num_queries=0)])
+
+
+def test_pass_at_fit_end_only_and_without_the_input_cache(tmp_path):
+    cached = TracIn(dirpath=str(tmp_path / "a"), every_n_epochs=None, at_fit_end=True, num_queries=0, proj_dim=None)
+    uncached = TracIn(dirpath=str(tmp_path / "b"), every_n_epochs=1, cache_inputs_mb=0, num_queries=0, proj_dim=None)
+    fit(tmp_path, Tiny(shuffle=False), [cached, uncached])
+    assert [r["step"] for r in cached.records] == [8] and len(uncached.records) == 2
+    assert cached._input_cache and not uncached._input_cache
+    last = load_file(str(tmp_path / "b" / "tracin-001.safetensors"))["self_influence"]
+    torch.testing.assert_close(cached.self_influence, last)  # same weights, same rates: the same pass
+
+
+def test_indexed_dataset_wraps_items():
+    ds = IndexedDataset(TensorDataset(torch.arange(3.0), torch.arange(3)))
+    assert ds[2] == (torch.tensor(2.0), torch.tensor(2), 2) and len(ds) == 3
+    assert IndexedDataset([{"a": 1}])[0] == {"a": 1, "index": 0}
+    assert IndexedDataset([5])[0] == (5, 0)
