@@ -45,6 +45,12 @@ def test_grouped_trak_rows_are_group_gradients(tmp_path):
         q = out_to_loss(model(x), y)
     torch.testing.assert_close(stored["q"], one_hot @ q / one_hot.sum(1), rtol=1e-5, atol=1e-6)
     assert torch.equal(load_file(str(tmp_path / "g" / "groups.safetensors"))["assignment"], cb.groups.assignment)
+    from lightning_attr.influence import damped_inverse, xtx
+
+    weighted = stored["x"] / cb.groups.sizes.float().sqrt().unsqueeze(1)  # X^T X of size-weighted group rows
+    kernel = stored["x"] @ damped_inverse(xtx(weighted), 0.1)
+    torch.testing.assert_close(stored["kernel"], kernel, rtol=1e-4, atol=1e-4 * float(kernel.abs().max()))
+    torch.testing.assert_close(cb.group_mean_self_influence, cb.group_self_influence / cb.groups.sizes.float() ** 2)
 
 
 @pytest.mark.parametrize("group_by", ["class", "gradient_kmeans"])

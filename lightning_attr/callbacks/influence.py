@@ -356,6 +356,8 @@ class InfluenceCallback(L.Callback):
              f"{p}/checkpoints": float(c + 1)}
         noisy = self._noisy_mask(trainer)
         if noisy is not None and 0 < int(noisy.sum()) < noisy.numel():  # grouped: each example gets its group's score
+            if self.grouping is not None:  # rank groups by the self-influence of their mean gradient (size-fair)
+                s = s / self.grouping.sizes.to(s).pow(2)
             per_example = s[self.grouping.assignment] if self.grouping is not None else s
             m[f"{p}/noisy_label_auc"] = float(noisy_label_auc(per_example, noisy))
             rows = self.grouping.assignment if self.grouping is not None else torch.arange(self.n_train)
@@ -467,6 +469,13 @@ class InfluenceCallback(L.Callback):
         if not self.group_by:
             raise RuntimeError("this callback attributes to single examples: use self_influence, or set `group_by`.")
         return self._rows_self_influence()
+
+    @property
+    def group_mean_self_influence(self) -> Tensor:
+        """``group_self_influence / size^2`` (n_groups,): the self-influence of each group's mean gradient. Ranks
+        groups fairly across sizes (the summed-gradient version grows with size); used for the logged noisy-label
+        metrics of grouped callbacks."""
+        return self.group_self_influence / self.groups.sizes.to(torch.float32).pow(2)
 
     @property
     def groups(self) -> Grouping:

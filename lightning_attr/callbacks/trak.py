@@ -24,7 +24,8 @@ class TRAK(InfluenceCallback):
     Takes every argument of :class:`TracIn` (``last_layer`` selects the classifier's parameters and projects its
     gradients like any others) plus ``damping`` (default 1e-3, relative). ``proj_dim=None`` keeps exact gradients
     (then ``X^T X`` is num_params x num_params: tiny models only). With ``group_by``, rows are groups: the features
-    of a group are those of its summed margin, its ``Q`` the mean of its members' (not additive: measure fidelity).
+    of a group are those of its summed margin, its ``Q`` the mean of its members', and ``X^T X`` is accumulated from
+    group rows weighted by ``1 / size`` (an estimate of the per-example ``X^T X``); not additive: measure fidelity.
     """
 
     method = "trak"
@@ -50,7 +51,10 @@ class TRAK(InfluenceCallback):
 
     def _finish(self, data: dict[str, Tensor]) -> dict[str, Tensor]:
         x = data["x"]
-        kernel = trak_kernel(x, damped_inverse(xtx(x), self.damping))
+        # grouped: a group's feature is the sum of its members', so X_G^T X_G over-weights big groups and has rank
+        # n_groups; weighting each row by 1 / size estimates the per-example X^T X instead (see benchmarks/ggda.py)
+        rows = x if self.grouping is None else x / self.grouping.sizes.to(x).sqrt().unsqueeze(1)
+        kernel = trak_kernel(x, damped_inverse(xtx(rows), self.damping))
         for name, value in (("leverage", (kernel * x.float()).sum(1)), ("q", data["q"].float())):
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         return {"x": x, "kernel": kernel, "q": data["q"]}
