@@ -8,7 +8,8 @@ Everything runs in one process on the same small digits CNN and the same checkpo
 2. **Agreement** (Spearman flattened and mean per query, max |a - b| / max |b|, top-10 overlap).
    * TracIn-CP, exact gradients of all parameters: ours (``GradientFeaturizer(proj_dim=None)`` + ``tracin_scores``)
      vs Captum ``TracInCP(sample_wise_grads_per_batch=True, loss_fn=CrossEntropyLoss(reduction="sum"))``; and our
-     projected TracIn-CP (Kronecker, dense; two seeds) against our exact scores (sketch quality).
+     projected TracIn-CP (count sketch = the default ``projection="auto"`` here, Kronecker, dense; two seeds) against
+     our exact scores (sketch quality).
    * Last layer: ours ``last_layer=True`` (weight and bias, factored) and ours ``fc2.weight`` only vs Captum
      ``TracInCPFast(final_fc_layer=fc2)`` (which uses the weight only).
    * TRAK without projection (the classifier layer: ours ``parameters=["fc2.*"]``, ``traker`` with
@@ -16,19 +17,23 @@ Everything runs in one process on the same small digits CNN and the same checkpo
      solve. One checkpoint agrees up to one positive scalar (traker divides gradients by sqrt(#params) and rescales
      ``(X^T X + lambda I)^-1`` by its mean absolute value); with several checkpoints that rescaling weights them
      differently, so ours is also compared after applying traker's weights.
-   * TRAK with projection (all parameters, ``proj_dim``, every checkpoint): ours Kronecker (default) and dense vs
-     ``traker`` (``BasicProjector``, Gaussian), ours vs ours with another seed (noise floor), and every sketch
-     against exact unprojected TRAK (an n x n solve via ``X (X^T X + l I)^-1 = (X X^T + l I)^-1 X``).
+   * TRAK with projection (all parameters, every checkpoint, ``proj_dim`` 512 (< n, X^T X full rank) and 2048):
+     ours count sketch (default), Kronecker and dense vs ``traker`` (``BasicProjector``, Gaussian), ours vs ours
+     with another seed (noise floor), and every sketch against exact unprojected TRAK (an n x n solve via
+     ``X (X^T X + l I)^-1 = (X X^T + l I)^-1 X``).
 3. **Throughput** of one attribution pass (examples/s, all trainable parameters, batch 64, ``--threads`` threads,
-   warm-up excluded, interleaved rounds, best round kept): ours Kronecker (with and without TRAK's Q), ours dense,
-   ours exact features and exact self-influence, ``traker`` ``featurize`` (its default CPU projector, and a
+   warm-up excluded, interleaved rounds, best round kept): ours count sketch (the default) and Kronecker (each with
+   and without TRAK's Q), ours dense (matrix redrawn per batch / cached), ours exact features and exact self-influence, ``traker`` ``featurize`` (its default CPU projector, and a
    one-block projector drawn once), Captum ``TracInCP`` ``self_influence`` and ``compute_intermediate_quantities``,
    and a plain batched forward + backward of the summed loss (the limit).
-4. **Callback overhead:** a LightningModule around the CNN fitted for N epochs with and without
-   ``lightning_attr.callbacks.TracIn(last_layer=True, proj_dim=None, every_n_epochs=1)``; overhead in %, time per
-   pass, and whether the final weights are bit-identical.
+4. **Callback overhead:** (a) a plain LightningModule around the CNN fitted for N epochs with and without
+   ``lightning_attr.callbacks.TracIn(last_layer=True, proj_dim=None, every_n_epochs=1)``; (b) a realistic set-up:
+   ``lightning_attr.Classifier("resnet18", model_kwargs=dict(channels=[16, 32, 64, 128], layers=[1, 1, 1, 1],
+   stem_width=16), image_size=32, mask_prob=0)`` on ``ImageDataModule("digits", image_size=32, batch_size=64)`` with
+   and without ``TracIn(last_layer=True, every_n_epochs=1, num_queries=0, progress_bar=False)``. Overhead in %, time
+   per pass, and whether the final weights are bit-identical.
 
-    python benchmarks/influence.py --out artifacts/bench/influence            # full run (~4 min on 2 cores)
+    python benchmarks/influence.py --out artifacts/bench/influence            # full run (~7 min on 2 cores)
     python benchmarks/influence.py --out artifacts/bench/influence --quick    # smoke run (~20 s)
     python benchmarks/influence.py --parts tracin,throughput                  # a subset
 
@@ -52,7 +57,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -81,7 +85,8 @@ from lightning_attr.influence import (  # noqa: E402
 from lightning_attr.io import atomic_write  # noqa: E402
 
 TARGETS = dict(tracin_spearman=0.99, trak_proj_spearman=0.95, vs_traker=10.0, vs_captum=1.2, vs_plain=0.5,
-               callback_overhead_pct=10.0)
+               callback_overhead_pct=10.0,
+               trak_noproj_rel_err=1e-3)  # "float tolerance" for float32 scores (max |a - b| / max |b|)
 NUM_CLASSES = 10
 
 
@@ -98,7 +103,8 @@ class Settings:
     num_queries: int = 20
     tracin_train: int = 500  # train subset of the TracIn agreement
     trak_train: int = 0  # train subset of the TRAK agreement (0: the whole train split)
-    trak_proj_dim: int = 2048
+    trak_proj_dim: int = 2048  # projected TracIn-CP agreement
+    trak_proj_dims: tuple[int, ...] = (512, 2048)  # projected TRAK agreement: below and above n_train (1437)
     damping: float = 1e-3  # relative: lambda = damping * mean(diag(X^T X)) (the package's default)
     trak_noproj_dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     throughput_proj_dim: int = 2048
@@ -107,12 +113,13 @@ class Settings:
     throughput_rounds: int = 5
     callback_epochs: int = 5
     callback_repeats: int = 3
+    resnet_epochs: int = 5
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(epochs=4, num_queries=8, tracin_train=192, trak_train=640, trak_proj_dim=256,
-                   throughput_round_s=1.0, throughput_max_batches=4, throughput_rounds=1, callback_epochs=2,
-                   callback_repeats=1)
+                   trak_proj_dims=(256, 1024), throughput_round_s=1.0, throughput_max_batches=4, throughput_rounds=1,
+                   callback_epochs=2, callback_repeats=1, resnet_epochs=2)
 
 
 # ----------------------------------------------------------------------------------------------------------- utils
@@ -195,6 +202,20 @@ class DigitsCNN(nn.Module):
 
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# the projections compared; dense gets a memory cap above its matrix so it is drawn once per checkpoint (with the
+# default max_memory_mb=1024 a 136586 x 2048 matrix, 1067 MiB, is redrawn on every batch; scores are the same)
+PROJECTIONS = {"sketch": {}, "kronecker": {}, "dense": dict(max_memory_mb=8192)}
+
+
+def default_projection(model: nn.Module, k: int) -> str:
+    """What ``projection="auto"`` (the default) resolves to for this model."""
+    return GradientFeaturizer(model, proj_dim=k).projection
+
+
+def proj_label(projection: str, default: str) -> str:
+    return f"{projection} (default)" if projection == default else projection
 
 
 @dataclass
@@ -338,15 +359,20 @@ def run_tracin_agreement(s: Settings, data: Data, ckpts: Sequence[Checkpoint]) -
     log(f"TracIn exact vs Captum TracInCP: {res['exact']}")
 
     rows = []  # how well projected TracIn reproduces the exact scores
-    for projection, bs in (("kronecker", s.batch_size), ("dense", 512)):
+    default = default_projection(fresh_model(s, ckpts[0]), s.trak_proj_dim)
+    for projection, extra in PROJECTIONS.items():
         for seed in (0, 1):
-            sk = tracin_ours(dataclass_replace(s, batch_size=bs), ckpts, xt, yt, xq, yq, proj_dim=s.trak_proj_dim,
-                             projection=projection, seed=seed)
+            t = time.perf_counter()
+            sk = tracin_ours(s, ckpts, xt, yt, xq, yq, proj_dim=s.trak_proj_dim, projection=projection, seed=seed,
+                             **extra)
+            seconds = time.perf_counter() - t
             dim = GradientFeaturizer(fresh_model(s, ckpts[0]), proj_dim=s.trak_proj_dim,
                                      projection=projection).feature_dim
-            rows.append(dict(projection=projection, seed=seed, feature_dim=dim, **agreement(sk, ours)))
-            log(f"TracIn projected ({projection}, seed {seed}) vs exact: Spearman {rows[-1]['spearman']:.4f}")
-    res["sketch"] = dict(proj_dim=s.trak_proj_dim, rows=rows)
+            rows.append(dict(projection=projection, default=projection == default, seed=seed, feature_dim=dim,
+                             seconds=seconds, **agreement(sk, ours)))
+            log(f"TracIn projected ({projection}, seed {seed}) vs exact: Spearman {rows[-1]['spearman']:.4f} "
+                f"({seconds:.1f} s)")
+    res["sketch"] = dict(proj_dim=s.trak_proj_dim, default=default, rows=rows)
 
     fast = tracin_captum(s, ckpts, xt, yt, xq, yq, fast=True)
     ll = tracin_ours(s, ckpts, xt, yt, xq, yq, factored=True, last_layer=True)
@@ -500,8 +526,8 @@ def run_trak_agreement(s: Settings, data: Data, ckpts: Sequence[Checkpoint], out
                     f" vs traker {row['ours_vs_traker_after_scale']:.2e}, Spearman {row['plain_spearman']:.4f}")
         res["noproj"] = rows
 
-        # (b) projected, all parameters, every checkpoint: ours (Kronecker default, dense) and traker, each against
-        # the other, against a second seed, and against exact (unprojected) TRAK
+        # (b) projected, all parameters, every checkpoint, k below and above n: ours (sketch = default, Kronecker,
+        # dense) and traker, each against the other, against a second seed, and against exact (unprojected) TRAK
         res["proj"] = run_trak_projected(s, ckpts, xt, yt, xq, yq, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -509,11 +535,13 @@ def run_trak_agreement(s: Settings, data: Data, ckpts: Sequence[Checkpoint], out
 
 
 def trak_exact(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor, xq: Tensor, yq: Tensor,
-               damping: float, k: int) -> Tensor:
+               damping: float, ks: Sequence[int]) -> dict[int, Tensor]:
     """Exact TRAK on all parameters (no projection) by the push-through identity
-    ``X (X^T X + lambda I)^-1 Phi^T = (X X^T + lambda I)^-1 X Phi^T`` (an n x n solve in float64), with
-    ``lambda = damping * ||X||_F^2 / k``: the absolute damping a k-dimensional sketch gets (E ||P x||^2 = ||x||^2)."""
-    blocks, qs = [], []
+    ``X (X^T X + lambda I)^-1 Phi^T = (X X^T + lambda I)^-1 X Phi^T`` (an n x n solve in float64), for each k in
+    ``ks`` with ``lambda = damping * ||X||_F^2 / k``: the absolute damping a k-dimensional sketch gets
+    (E ||P x||^2 = ||x||^2)."""
+    blocks: dict[int, list[Tensor]] = {k: [] for k in ks}
+    qs = []
     for c, ck in enumerate(ckpts):
         model = fresh_model(s, ck)
         feat = GradientFeaturizer(model, output="margin", proj_dim=None)
@@ -521,56 +549,65 @@ def trak_exact(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor,
         phi = ours_features(feat, xq, yq, (c,), s.batch_size)
         gram, cross = (x_c @ x_c.T).double(), (x_c @ phi.T).double()
         del x_c
-        lam = damping * float(gram.diagonal().sum()) / k
-        blocks.append(torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), cross))
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+        for k in ks:
+            lam = damping * float(gram.diagonal().sum()) / k
+            blocks[k].append(torch.linalg.solve(gram + lam * eye, cross))
         with torch.no_grad():
             qs.append(torch.cat([out_to_loss(model(xb), yb) for xb, yb in batches(xt, yt, 512)]))
-    return ((sum(blocks) / len(blocks)) * (sum(qs) / len(qs)).double()[:, None]).float()
+    q = (sum(qs) / len(qs)).double()[:, None]
+    return {k: ((sum(b) / len(b)) * q).float() for k, b in blocks.items()}
 
 
 def run_trak_projected(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor, xq: Tensor, yq: Tensor,
                        tmp: Path) -> dict:
+    """For each k: ours (every projection, seeds 0 and 1), traker (seed 0) and exact TRAK, compared pairwise."""
     from trak.projectors import BasicProjector, ProjectionType
 
-    k, dmp = s.trak_proj_dim, s.damping
-    scores: dict[str, Tensor] = {}
-    seconds: dict[str, float] = {}
-    big = 512  # dense: bigger batches, as its matrix (> the 256 MiB cache) is regenerated on every call
-    for name, kw, bs in (("ours kronecker", dict(projection="kronecker"), s.batch_size),
-                         ("ours dense", dict(projection="dense"), big)):
-        for seed in (0, 1):
-            t = time.perf_counter()
-            out = trak_ours(dataclass_replace(s, batch_size=bs), ckpts, xt, yt, xq, yq, dmp, proj_dim=k, seed=seed,
-                            **kw)
-            seconds[f"{name} seed {seed}"] = time.perf_counter() - t
-            scores[f"{name} seed {seed}"] = out.scores
-            if name == "ours kronecker" and seed == 0:
-                reweighted = out.traker_weighted()
-            log(f"TRAK projected: {name} seed {seed} done ({seconds[f'{name} seed {seed}']:.1f} s)")
-    with quiet():  # traker's own CPU projector (Gaussian), as one block so the matrix is drawn once per checkpoint
-        projector = BasicProjector(grad_dim=num_params(fresh_model(s, ckpts[0])), proj_dim=k, seed=0,
-                                   proj_type=ProjectionType.normal, device="cpu", block_size=k, dtype=torch.float32)
+    dmp, p = s.damping, num_params(fresh_model(s, ckpts[0]))
+    default = default_projection(fresh_model(s, ckpts[0]), max(s.trak_proj_dims))
     t = time.perf_counter()
-    scores["traker seed 0"] = trak_traker(s, ckpts, xt, yt, xq, yq, [dmp], str(tmp / "proj"), k,
-                                          projector=projector)[dmp]["all"]
-    seconds["traker seed 0"] = time.perf_counter() - t
-    log(f"TRAK projected: traker done ({seconds['traker seed 0']:.1f} s)")
-    t = time.perf_counter()
-    scores["exact"] = trak_exact(s, ckpts, xt, yt, xq, yq, dmp, k)
-    seconds["exact"] = time.perf_counter() - t
-    log(f"TRAK projected: exact reference done ({seconds['exact']:.1f} s)")
-    pairs = [("ours kronecker seed 0", "traker seed 0"), ("ours dense seed 0", "traker seed 0"),
-             ("ours kronecker seed 0", "ours kronecker seed 1"), ("ours dense seed 0", "ours dense seed 1"),
-             ("ours kronecker seed 0", "exact"), ("ours kronecker seed 1", "exact"), ("ours dense seed 0", "exact"),
-             ("ours dense seed 1", "exact"), ("traker seed 0", "exact")]
-    rows = [dict(a=a, b=b, **agreement(scores[a], scores[b])) for a, b in pairs]
-    for row in rows:
-        log(f"TRAK projected k={k}: {row['a']} vs {row['b']}: Spearman {row['spearman']:.4f}")
-    feature_dim = GradientFeaturizer(fresh_model(s, ckpts[0]), proj_dim=k).feature_dim
-    return dict(proj_dim=k, ours_kronecker_feature_dim=feature_dim, checkpoints=len(ckpts), damping=dmp,
-                params=num_params(fresh_model(s, ckpts[0])), rows=rows, seconds=seconds,
-                spearman=rows[0]["spearman"],
-                spearman_kronecker_reweighted_vs_traker=spearman(reweighted, scores["traker seed 0"]))
+    exact = trak_exact(s, ckpts, xt, yt, xq, yq, dmp, s.trak_proj_dims)
+    exact_seconds = time.perf_counter() - t
+    log(f"TRAK projected: exact reference done ({exact_seconds:.1f} s)")
+    per_k = []
+    for k in s.trak_proj_dims:
+        scores: dict[str, Tensor] = {"exact": exact[k]}
+        seconds: dict[str, float] = {}
+        reweighted: dict[str, float] = {}
+        dims: dict[str, int] = {}
+        for projection, extra in PROJECTIONS.items():
+            name = f"ours {projection}"
+            dims[projection] = GradientFeaturizer(fresh_model(s, ckpts[0]), proj_dim=k, projection=projection).feature_dim
+            for seed in (0, 1):
+                t = time.perf_counter()
+                out = trak_ours(s, ckpts, xt, yt, xq, yq, dmp, proj_dim=k, projection=projection, seed=seed, **extra)
+                seconds[f"{name} seed {seed}"] = time.perf_counter() - t
+                scores[f"{name} seed {seed}"] = out.scores
+                if seed == 0:
+                    reweighted[name] = out.traker_weighted()
+                log(f"TRAK projected k={k}: {name} seed {seed} done ({seconds[f'{name} seed {seed}']:.1f} s)")
+        with quiet():  # traker's own CPU projector (Gaussian), as one block so the matrix is drawn once per checkpoint
+            projector = BasicProjector(grad_dim=p, proj_dim=k, seed=0, proj_type=ProjectionType.normal, device="cpu",
+                                       block_size=k, dtype=torch.float32)
+        t = time.perf_counter()
+        scores["traker seed 0"] = trak_traker(s, ckpts, xt, yt, xq, yq, [dmp], str(tmp / f"proj-{k}"), k,
+                                              projector=projector)[dmp]["all"]
+        seconds["traker seed 0"] = time.perf_counter() - t
+        log(f"TRAK projected k={k}: traker done ({seconds['traker seed 0']:.1f} s)")
+        pairs = [(f"ours {pr} seed 0", "traker seed 0") for pr in PROJECTIONS]
+        pairs += [(f"ours {pr} seed 0", f"ours {pr} seed 1") for pr in PROJECTIONS]  # noise floor
+        pairs += [(f"ours {pr} seed {sd}", "exact") for pr in PROJECTIONS for sd in (0, 1)]
+        pairs += [("traker seed 0", "exact")]
+        rows = [dict(a=a, b=b, **agreement(scores[a], scores[b])) for a, b in pairs]
+        for row in rows:
+            log(f"TRAK projected k={k}: {row['a']} vs {row['b']}: Spearman {row['spearman']:.4f}")
+        per_k.append(dict(proj_dim=k, feature_dims=dims, rows=rows, seconds=seconds,
+                          spearman_default_vs_traker=rows[list(PROJECTIONS).index(default)]["spearman"],
+                          spearman_reweighted_vs_traker={n: spearman(r, scores["traker seed 0"])
+                                                         for n, r in reweighted.items()}))
+    return dict(proj_dims=list(s.trak_proj_dims), default=default, checkpoints=len(ckpts), damping=dmp, params=p,
+                n_train=xt.shape[0], exact_seconds=exact_seconds, per_k=per_k)
 
 
 # ---------------------------------------------------------------------------------------------------- throughput
@@ -622,14 +659,24 @@ def throughput_jobs(s: Settings, model: nn.Module, ck: Checkpoint, data: Data, b
 
         return run
 
-    kron_dim = GradientFeaturizer(model, proj_dim=k).feature_dim
-    jobs.append(Job("ours kronecker", f"CE-gradient features, k={kron_dim} (the TracIn callback's pass)",
+    default = default_projection(model, k)
+    tag = {pr: " [default: projection='auto']" if pr == default else "" for pr in ("sketch", "kronecker", "dense")}
+    kron_dim = GradientFeaturizer(model, proj_dim=k, projection="kronecker").feature_dim
+    jobs.append(Job("ours sketch", f"CE-gradient features, count sketch k={k} (the TracIn callback's pass with "
+                    f"projection){tag['sketch']}", ours("cross_entropy", False, proj_dim=k, projection="sketch")))
+    jobs.append(Job("ours sketch + Q", f"margin-gradient features, count sketch k={k} + Q = 1 - p_y (a TRAK "
+                    f"featurize){tag['sketch']}", ours("margin", True, proj_dim=k, projection="sketch")))
+    jobs.append(Job("ours kronecker", f"CE-gradient features, Kronecker k={kron_dim}{tag['kronecker']}",
                     ours("cross_entropy", False, proj_dim=k, projection="kronecker")))
-    jobs.append(Job("ours kronecker + Q", f"margin-gradient features k={kron_dim} + Q = 1 - p_y (a TRAK featurize)",
+    jobs.append(Job("ours kronecker + Q", f"margin-gradient features, Kronecker k={kron_dim} + Q{tag['kronecker']}",
                     ours("margin", True, proj_dim=k, projection="kronecker")))
-    jobs.append(Job("ours dense + Q", f"margin-gradient features k={k} + Q (a TRAK featurize); the matrix "
-                    f"({num_params(model) * k * 4 / 2**30:.1f} GiB > the 256 MiB cache) is redrawn every batch",
+    mib = num_params(model) * k * 4 / 2**20
+    jobs.append(Job("ours dense + Q", f"margin-gradient features, dense k={k} + Q; the matrix ({mib:.0f} MiB) is "
+                    f"{'kept' if mib <= 1024 else 'over max_memory_mb=1024 (default), so redrawn every batch'}",
                     ours("margin", True, proj_dim=k, projection="dense")))
+    jobs.append(Job("ours dense + Q (cached)", f"as above with max_memory_mb=8192: the matrix ({mib:.0f} MiB) is "
+                    "drawn once (in the warm-up) and kept", ours("margin", True, proj_dim=k, projection="dense",
+                                                                 max_memory_mb=8192)))
     exact = GradientFeaturizer(model, output="cross_entropy", proj_dim=None)
     jobs.append(Job("ours exact features", f"flat per-example CE gradients (B, {exact.num_params})",
                     ours("cross_entropy", False, proj_dim=None)))
@@ -690,18 +737,26 @@ def throughput_jobs(s: Settings, model: nn.Module, ck: Checkpoint, data: Data, b
     return jobs
 
 
+CAPTUM_FASTEST = "Captum TracInCP (fastest)"  # the faster of its self_influence / compute_intermediate_quantities
 RATIOS = {  # name: (numerator, denominator)
+    "ours sketch + Q / traker featurize": ("ours sketch + Q", "traker featurize"),
+    "ours sketch + Q / traker featurize (1 block)": ("ours sketch + Q", "traker featurize (1 block)"),
     "ours kronecker + Q / traker featurize": ("ours kronecker + Q", "traker featurize"),
     "ours kronecker + Q / traker featurize (1 block)": ("ours kronecker + Q", "traker featurize (1 block)"),
     "ours dense + Q / traker featurize": ("ours dense + Q", "traker featurize"),
+    "ours dense + Q (cached) / traker featurize": ("ours dense + Q (cached)", "traker featurize"),
+    "ours sketch / Captum TracInCP (fastest)": ("ours sketch", CAPTUM_FASTEST),
+    "ours kronecker / Captum TracInCP (fastest)": ("ours kronecker", CAPTUM_FASTEST),
     "ours exact self-influence / Captum self_influence": (
         "ours exact self-influence", "Captum TracInCP self_influence"),
     "ours exact features / Captum compute_intermediate_quantities": (
         "ours exact features", "Captum TracInCP compute_intermediate_quantities"),
-    "ours kronecker / Captum self_influence": ("ours kronecker", "Captum TracInCP self_influence"),
+    "ours sketch / plain fwd+bwd": ("ours sketch", "plain forward+backward"),
+    "ours sketch + Q / plain fwd+bwd": ("ours sketch + Q", "plain forward+backward"),
     "ours kronecker / plain fwd+bwd": ("ours kronecker", "plain forward+backward"),
     "ours kronecker + Q / plain fwd+bwd": ("ours kronecker + Q", "plain forward+backward"),
     "ours exact features / plain fwd+bwd": ("ours exact features", "plain forward+backward"),
+    "ours exact self-influence / plain fwd+bwd": ("ours exact self-influence", "plain forward+backward"),
 }
 
 
@@ -731,16 +786,23 @@ def run_throughput(s: Settings, data: Data, ckpts: Sequence[Checkpoint], out: Pa
         rows.append(dict(method=job.method, note=job.note, examples=n, batch_size=bs, rounds=len(job.seconds),
                          seconds=best, median_seconds=statistics.median(job.seconds), examples_per_s=n / best))
     by = {r["method"]: r["examples_per_s"] for r in rows}
+    by[CAPTUM_FASTEST] = max(v for m, v in by.items() if m.startswith("Captum TracInCP"))
     ratios = {name: by[num] / by[den] for name, (num, den) in RATIOS.items()}
     for name, v in ratios.items():
         log(f"ratio {name}: {v:.2f}")
-    return dict(proj_dim=s.throughput_proj_dim, params=num_params(model), checkpoint=ck.epoch, rows=rows, ratios=ratios)
+    return dict(proj_dim=s.throughput_proj_dim, params=num_params(model), checkpoint=ck.epoch, rows=rows, ratios=ratios,
+                default=default_projection(model, s.throughput_proj_dim))
 
 
 # ----------------------------------------------------------------------------------------------- callback overhead
 def run_callback_overhead(s: Settings, out: Path) -> dict:
+    """(a) ``cnn``: a plain LightningModule around ``DigitsCNN``, ``TracIn(last_layer=True, proj_dim=None)``;
+    (b) ``resnet``: ``lightning_attr.Classifier`` with a small timm ResNet-18 on 3x32x32 digits (validation every
+    epoch, AdamW + cosine), ``TracIn(last_layer=True)`` with its defaults otherwise. Both with ``every_n_epochs=1``,
+    fitted with and without the callback from the same seed, runs interleaved, best and median kept."""
     import lightning as L
 
+    from lightning_attr import Classifier
     from lightning_attr.callbacks import TracIn
 
     class TimedTracIn(TracIn):
@@ -767,18 +829,37 @@ def run_callback_overhead(s: Settings, out: Path) -> dict:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=s.lr, momentum=0.9)
 
-    def fit(with_callback: bool, run: int) -> tuple[float, dict[str, Tensor], dict]:
+    setups = {
+        "cnn": dict(
+            module=LitCNN, channels=1, epochs=s.callback_epochs,
+            callback=dict(every_n_epochs=1, last_layer=True, proj_dim=None, progress_bar=False, num_queries=0),
+            description=f"LightningModule around DigitsCNN (plain torch SGD, no validation), 1x{s.image_size}x"
+                        f"{s.image_size}; TracIn(last_layer=True, proj_dim=None, every_n_epochs=1, num_queries=0)"),
+        "resnet": dict(
+            module=lambda: Classifier("resnet18", model_kwargs=dict(channels=[16, 32, 64, 128], layers=[1, 1, 1, 1],
+                                                                    stem_width=16), image_size=32, mask_prob=0.0),
+            channels=3, epochs=s.resnet_epochs,
+            callback=dict(every_n_epochs=1, last_layer=True, num_queries=0, progress_bar=False),
+            description="lightning_attr.Classifier('resnet18', model_kwargs=dict(channels=[16, 32, 64, 128], "
+                        "layers=[1, 1, 1, 1], stem_width=16), image_size=32, mask_prob=0.0) on ImageDataModule("
+                        "'digits', image_size=32, batch_size=64) (AdamW + cosine, validation every epoch); "
+                        "TracIn(last_layer=True, every_n_epochs=1, num_queries=0, progress_bar=False)"),
+    }
+
+    def datamodule(setup: dict) -> ImageDataModule:
+        return ImageDataModule("digits", image_size=32 if setup["channels"] == 3 else s.image_size,
+                               channels=setup["channels"], batch_size=s.batch_size)
+
+    def fit(name: str, setup: dict, with_callback: bool, run: int) -> tuple[float, dict[str, Tensor], dict, Any]:
         L.seed_everything(0, verbose=False)
-        dm = ImageDataModule("digits", image_size=s.image_size, channels=1, batch_size=s.batch_size)
-        dm.setup()
-        module = LitCNN()
+        dm = datamodule(setup)
+        module = setup["module"]()
         callbacks = []
         if with_callback:
-            callbacks.append(TimedTracIn(dirpath=str(out / "callback" / f"tracin-{run}"), every_n_epochs=1,
-                                         last_layer=True, proj_dim=None, progress_bar=False, num_queries=0))
-        trainer = L.Trainer(max_epochs=s.callback_epochs, accelerator="cpu", devices=1, logger=False,
+            callbacks.append(TimedTracIn(dirpath=str(out / "callback" / name / f"tracin-{run}"), **setup["callback"]))
+        trainer = L.Trainer(max_epochs=setup["epochs"], accelerator="cpu", devices=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=callbacks, default_root_dir=str(out / "callback"))
+                            callbacks=callbacks, default_root_dir=str(out / "callback" / name))
         start = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         seconds = time.perf_counter() - start
@@ -786,39 +867,57 @@ def run_callback_overhead(s: Settings, out: Path) -> dict:
         if with_callback:
             cb = callbacks[0]
             info = dict(passes=len(cb.records), n_train=cb.n_train, pass_seconds=cb.pass_seconds,
-                        self_influence_mean=float(cb.self_influence.mean()))
-        return seconds, {k: v.detach().clone() for k, v in module.state_dict().items()}, info
+                        self_influence_mean=float(cb.self_influence.mean()),
+                        projection=cb.featurizer.projection, selected_params=cb.featurizer.num_params)
+        return seconds, {k: v.detach().clone() for k, v in module.state_dict().items()}, info, (module, dm)
 
     shutil.rmtree(out / "callback", ignore_errors=True)  # no stale files from an earlier run
-    times: dict[bool, list[float]] = {False: [], True: []}
-    states: dict[bool, dict[str, Tensor]] = {}
-    info: dict = {}
-    with quiet():
-        fit(False, -1)  # warm-up (imports, data loading, first-touch allocations)
-        for r in range(s.callback_repeats):
-            for flag in (False, True):
-                sec, states[flag], inf = fit(flag, r)
-                times[flag].append(sec)
-                info = inf or info
-                log(f"callback fit {'with' if flag else 'without'} TracIn, run {r + 1}: {sec:.2f} s")
-    # what one pass must at least do: read the (unshuffled) train split once, as the training epoch does
-    dm = ImageDataModule("digits", image_size=s.image_size, channels=1, batch_size=s.batch_size)
-    dm.setup()
-    loading = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _batch in DataLoader(dm.splits["train"], batch_size=s.batch_size):
-            pass
-        loading.append(time.perf_counter() - start)
-    identical = all(torch.equal(states[False][k], states[True][k]) for k in states[False])
-    max_diff = max(float((states[False][k].float() - states[True][k].float()).abs().max()) for k in states[False])
-    best_off, best_on = min(times[False]), min(times[True])
-    return dict(epochs=s.callback_epochs, repeats=s.callback_repeats, seconds_without=times[False],
-                seconds_with=times[True], overhead_pct=100 * (best_on - best_off) / best_off,
-                overhead_pct_median=100 * (statistics.median(times[True]) - statistics.median(times[False]))
-                / statistics.median(times[False]),
-                bit_identical=identical, max_abs_weight_diff=max_diff, callback=info,
-                train_split_read_seconds=min(loading))
+    results = {}
+    for name, setup in setups.items():
+        times: dict[bool, list[float]] = {False: [], True: []}
+        identical, max_diff, info = True, 0.0, {}
+        with quiet():
+            _, _, _, (module, dm) = fit(name, setup, False, -1)  # warm-up (imports, data, first-touch allocations)
+            for r in range(s.callback_repeats):
+                states = {}
+                for flag in (False, True):
+                    sec, states[flag], inf, _ = fit(name, setup, flag, r)
+                    times[flag].append(sec)
+                    info = inf or info
+                    log(f"callback overhead ({name}): fit {'with' if flag else 'without'} TracIn, run {r + 1}: "
+                        f"{sec:.2f} s")
+                identical &= all(torch.equal(states[False][k], states[True][k]) for k in states[False])
+                max_diff = max([max_diff] + [float((states[False][k].double() - states[True][k].double()).abs().max())
+                                             for k in states[False] if states[False][k].is_floating_point()])
+            # what one pass must at least do: read the (unshuffled) train split once (a cost the callback's input
+            # cache now pays only on the first pass), and one eval forward over it (no grad: the floor of a pass)
+            loading, forward = [], []
+            module.eval()
+            for _ in range(3):
+                start = time.perf_counter()
+                loaded = [b for b in DataLoader(dm.splits["train"], batch_size=s.batch_size)]
+                loading.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    for b in loaded:
+                        module(b["image"])
+                forward.append(time.perf_counter() - start)
+        best_off, best_on = min(times[False]), min(times[True])
+        med_off, med_on = statistics.median(times[False]), statistics.median(times[True])
+        epoch = best_off / setup["epochs"]
+        results[name] = dict(description=setup["description"], epochs=setup["epochs"], repeats=s.callback_repeats,
+                             params=num_params(module), seconds_without=times[False], seconds_with=times[True],
+                             overhead_pct=100 * (best_on - best_off) / best_off,
+                             overhead_pct_median=100 * (med_on - med_off) / med_off,
+                             bit_identical=bool(identical), max_abs_weight_diff=max_diff, callback=info,
+                             train_split_read_seconds=min(loading), train_split_forward_seconds=min(forward),
+                             epoch_seconds=epoch, passes_seconds=sum(info["pass_seconds"]),
+                             outside_passes_seconds=best_on - best_off - sum(info["pass_seconds"]),
+                             # a pass needs at least one forward over the train split: its share of an epoch
+                             forward_floor_pct=100 * min(forward) / epoch)
+        log(f"callback overhead ({name}): {results[name]['overhead_pct']:.1f} % (best), "
+            f"{results[name]['overhead_pct_median']:.1f} % (median); bit-identical {identical}")
+    return results
 
 
 # --------------------------------------------------------------------------------------------------------- report
@@ -837,21 +936,34 @@ def verdicts(r: dict) -> list[dict]:
         add("TracIn exact vs Captum TracInCP: Spearman", ag["exact"]["spearman"], TARGETS["tracin_spearman"])
     tk = r.get("trak")
     if tk:
-        add("TRAK projected vs traker: Spearman", tk["proj"]["spearman"], TARGETS["trak_proj_spearman"])
+        for row in tk["noproj"]:
+            if row["checkpoints"] == 1:
+                add(f"TRAK no projection (1 checkpoint, damping {row['damping']:g}) vs traker: max rel err after one "
+                    "scalar", row["ours_vs_traker_after_scale"], TARGETS["trak_noproj_rel_err"], higher=False)
+        p = tk["proj"]
+        for blk in p["per_k"]:
+            for row in blk["rows"]:
+                if row["b"] == "traker seed 0":
+                    proj = row["a"].split()[1]
+                    tag = " (default)" if proj == p["default"] else ""
+                    add(f"TRAK projected k={blk['proj_dim']}, ours {proj}{tag} vs traker: Spearman", row["spearman"],
+                        TARGETS["trak_proj_spearman"])
     tp = r.get("throughput")
     if tp:
-        for name, key in (("vs_traker", "ours kronecker + Q / traker featurize"),
+        for name, key in (("vs_traker", "ours sketch + Q / traker featurize"),
+                          ("vs_traker", "ours kronecker + Q / traker featurize"),
+                          ("vs_captum", "ours sketch / Captum TracInCP (fastest)"),
                           ("vs_captum", "ours exact self-influence / Captum self_influence"),
                           ("vs_captum", "ours exact features / Captum compute_intermediate_quantities"),
+                          ("vs_plain", "ours sketch / plain fwd+bwd"),
                           ("vs_plain", "ours kronecker / plain fwd+bwd")):
             add(f"throughput {key}", tp["ratios"][key], TARGETS[name])
-    cb = r.get("callback")
-    if cb:
-        add("TracIn callback overhead %", cb["overhead_pct"], TARGETS["callback_overhead_pct"], higher=False)
-        out.append(dict(target="weights bit-identical with / without callback", value=cb["bit_identical"],
+    for name, cb in (r.get("callback") or {}).items():
+        add(f"TracIn callback overhead % ({name}, best of {cb['repeats']})", cb["overhead_pct"],
+            TARGETS["callback_overhead_pct"], higher=False)
+        out.append(dict(target=f"weights bit-identical with / without callback ({name})", value=cb["bit_identical"],
                         goal="True", met=bool(cb["bit_identical"])))
     return out
-
 
 def fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, bool):
@@ -886,13 +998,15 @@ def markdown(r: dict) -> str:
             a = t[key]
             lines.append(f"| {ours} | {ref} | {fmt(a['spearman'], 6)} | {fmt(a['spearman_per_query'], 6)} | "
                          f"{fmt(a['max_rel_err'])} | {fmt(a['top10_overlap'], 3)} |")
+        sk = t["sketch"]
         lines += ["", "max rel err = max |ours - ref| / max |ref|.", "",
-                  f"Projected TracIn-CP (k={t['sketch']['proj_dim']}, all params) against our exact TracIn-CP "
-                  "(sketch quality):", "",
-                  "| sketch | seed | Spearman vs exact | Spearman per query | top-10 overlap |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {row['projection']} ({row['feature_dim']} features) | {row['seed']} | {fmt(row['spearman'])} | "
-                  f"{fmt(row['spearman_per_query'])} | {fmt(row['top10_overlap'], 3)} |" for row in t["sketch"]["rows"]]
+                  f"Projected TracIn-CP (k={sk['proj_dim']}, all params) against our exact TracIn-CP (sketch quality); "
+                  f"`projection=\"auto\"` (the default) resolves to `{sk['default']}` here:", "",
+                  "| projection | features | seed | Spearman vs exact | Spearman per query | top-10 overlap | seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {proj_label(row['projection'], sk['default'])} | {row['feature_dim']} | {row['seed']} | "
+                  f"{fmt(row['spearman'])} | {fmt(row['spearman_per_query'])} | {fmt(row['top10_overlap'], 3)} | "
+                  f"{row['seconds']:.1f} |" for row in sk["rows"]]
     if "trak" in r:
         t = r["trak"]
         lines += ["", f"## TRAK agreement ({t['n_train']} train x {t['n_query']} val queries)", "",
@@ -910,41 +1024,65 @@ def markdown(r: dict) -> str:
                          f"{fmt(tv) if tv is not None else ''} | {fmt(row['ours_vs_traker_after_scale'])} | "
                          f"{fmt(row['plain_spearman'], 6)} | {fmt(row['spearman_reweighted'], 6)} |")
         p = t["proj"]
-        lines += ["", f"(b) Projected, all {p['params']} params, {p['checkpoints']} checkpoints, relative damping "
-                  f"{p['damping']:g}, k={p['proj_dim']}: ours Kronecker (default; Rademacher, "
-                  f"{p['ours_kronecker_feature_dim']} features), ours dense (Rademacher), traker (BasicProjector, "
-                  "Gaussian, one block). exact = unprojected TRAK on all parameters (n x n solve) with the absolute "
-                  "damping of a k-dim sketch.", "",
-                  "| a | b | Spearman | Spearman per query | top-10 overlap |", "|---|---|---|---|---|"]
-        lines += [f"| {row['a']} | {row['b']} | {fmt(row['spearman'])} | {fmt(row['spearman_per_query'])} | "
-                  f"{fmt(row['top10_overlap'], 3)} |" for row in p["rows"]]
-        lines += [f"| ours kronecker seed 0, re-weighted like traker | traker seed 0 | "
-                  f"{fmt(p['spearman_kronecker_reweighted_vs_traker'])} | | |"]
+        ks = [blk["proj_dim"] for blk in p["per_k"]]
+        dims = "; ".join(f"k={blk['proj_dim']}: " + ", ".join(f"{pr} {d}" for pr, d in blk["feature_dims"].items())
+                         for blk in p["per_k"])
+        lines += ["", f"(b) Projected, all {p['params']} params, {p['checkpoints']} checkpoints, {p['n_train']} train "
+                  f"examples, relative damping {p['damping']:g}, k = {', '.join(map(str, ks))}: ours count sketch "
+                  f"(`projection=\"auto\"` resolves to `{p['default']}`), Kronecker (Rademacher), dense (Rademacher); "
+                  "traker (BasicProjector, Gaussian, one block). exact = unprojected TRAK on all parameters (n x n "
+                  f"solve) with the absolute damping of a k-dim sketch. Feature dims: {dims}. Rows `ours X seed 0` vs "
+                  "`ours X seed 1` are the noise floor (two draws of the same sketch).", "",
+                  "| a | b | " + " | ".join(f"k={k} Spearman | k={k} per query | k={k} top-10" for k in ks) + " |",
+                  "|---|---|" + "---|---|---|" * len(ks)]
+        def label(n: str) -> str:
+            return n.replace(f"ours {p['default']}", f"ours {p['default']} (default)")
+
+        for i, row in enumerate(p["per_k"][0]["rows"]):
+            cells = []
+            for blk in p["per_k"]:
+                rw = blk["rows"][i]
+                cells += [fmt(rw["spearman"]), fmt(rw["spearman_per_query"]), fmt(rw["top10_overlap"], 3)]
+            lines.append(f"| {label(row['a'])} | {label(row['b'])} | " + " | ".join(cells) + " |")
+        for name in p["per_k"][0]["spearman_reweighted_vs_traker"]:
+            lines.append(f"| {label(name)} seed 0, re-weighted like traker | traker seed 0 | " + " | ".join(
+                f"{fmt(blk['spearman_reweighted_vs_traker'][name])} | |" for blk in p["per_k"]) + " |")
+        secs = "; ".join(f"k={blk['proj_dim']}: " + ", ".join(f"{n} {v:.1f}" for n, v in blk["seconds"].items())
+                         for blk in p["per_k"])
+        lines += ["", f"Seconds (3 checkpoints, train + query features and scores): {secs}; exact reference "
+                  f"{p['exact_seconds']:.1f}."]
     if "throughput" in r:
         t = r["throughput"]
         lines += ["", f"## Throughput (checkpoint {t['checkpoint']}, all {t['params']} params, k={t['proj_dim']}, "
-                  f"batch {t['rows'][0]['batch_size']}, best of {t['rows'][0]['rounds']} rounds)", "",
+                  f"batch {t['rows'][0]['batch_size']}, best of {t['rows'][0]['rounds']} rounds; `projection=\"auto\"` "
+                  f"= `{t['default']}`)", "",
                   "| method | examples/s | examples per round | what it includes |", "|---|---|---|---|"]
         lines += [f"| {row['method']} | {row['examples_per_s']:.1f} | {row['examples']} | {row['note']} |"
                   for row in t["rows"]]
-        lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in t["ratios"].items()]
-    if "callback" in r:
-        c = r["callback"]
-        lines += ["", f"## TracIn callback overhead ({c['epochs']} epochs, best of {c['repeats']})", "",
+        lines += ["", f"{CAPTUM_FASTEST} = the faster of the two Captum rows.", "", "| ratio | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in t["ratios"].items()]
+    for name, c in (r.get("callback") or {}).items():
+        lines += ["", f"## TracIn callback overhead: {name} ({c['epochs']} epochs, best of {c['repeats']})", "",
+                  f"{c['description']}; {c['params']} parameters ({c['callback'].get('selected_params')} in the "
+                  f"classifier); `projection=\"auto\"` resolved to `{c['callback'].get('projection')}`, unused with "
+                  "`last_layer=True` (exact factors a, g are stored).", "",
                   "| without (s) | with (s) | overhead (best) | overhead (median) | bit-identical weights |",
                   "|---|---|---|---|---|",
                   f"| {', '.join(f'{v:.2f}' for v in c['seconds_without'])} | "
                   f"{', '.join(f'{v:.2f}' for v in c['seconds_with'])} | {c['overhead_pct']:.1f} % | "
                   f"{c['overhead_pct_median']:.1f} % | {c['bit_identical']} (max diff {c['max_abs_weight_diff']:g}) |",
                   "", f"Each pass (last run): {', '.join(f'{v:.3f}' for v in c['callback']['pass_seconds'])} s over "
-                  f"{c['callback']['n_train']} examples; reading the train split once through a DataLoader alone takes "
-                  f"{c['train_split_read_seconds']:.3f} s; one epoch without the callback takes about "
-                  f"{min(c['seconds_without']) / c['epochs']:.3f} s."]
+                  f"{c['callback']['n_train']} examples; reading the train split once through a DataLoader takes "
+                  f"{c['train_split_read_seconds']:.3f} s and one eval forward over it (no grad) "
+                  f"{c['train_split_forward_seconds']:.3f} s; one epoch without the callback takes about "
+                  f"{c['epoch_seconds']:.3f} s, so a pass that is one forward costs {c['forward_floor_pct']:.0f} % of "
+                  f"an epoch (the floor of the overhead with a pass every epoch). Passes sum to "
+                  f"{c['passes_seconds']:.2f} s; best with - best without - passes = {c['outside_passes_seconds']:.2f} "
+                  "s (overhead outside the passes, plus noise)."]
     lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {v['target']} | {fmt(v['value'])} | {v['goal']} | {'yes' if v['met'] else '**no**'} |"
               for v in r["verdicts"]]
     return "\n".join(lines) + "\n"
-
 
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):

@@ -1,0 +1,819 @@
+"""GGDA benchmark: Generalized Group Data Attribution (one gradient per group of training points) against
+per-example attribution, side by side in one run, CPU only.
+
+A group's attribution features are those of its *summed* loss (TracIn) or margin (TRAK): ``GradientFeaturizer``
+called with segment ``bounds`` computes them from one batched forward / backward, contracting each layer's inputs and
+output gradients over the group's rows, so per-example gradients are never formed (``lightning_attr.callbacks.TracIn /
+TRAK(group_by=...)`` do exactly this through ``group_batches`` and ``segments``, which this benchmark calls directly).
+
+1. **Speed of one attribution pass over the whole train split** (1,437 digits; forward, backward, gradients,
+   projection and accumulation all included; the one-time projection set-up, i.e. drawing the count-sketch hashes,
+   and the grouping are reported separately), per-example vs grouped, for four groupings: ``gradient_kmeans`` with
+   groups of about 8, 32 and 128 examples, and ``random`` groups of 32.
+   Each pass runs ``timing_repeats`` times and the fastest counts.
+   (a) timm ``resnet18`` (11.2M parameters, random init, eval mode) on 3x32x32 digits, ALL parameters, count sketch
+       to k=2048. Per-example sketch is timed on the first ``resnet_subset`` examples and extrapolated linearly to
+       1,437 (it is linear: one fixed-size batch after another). The per-example Kronecker (LoGra) pass, which never
+       forms per-example gradients either, and a plain batched forward + backward are timed on the full split.
+   (b) the small ``DigitsCNN`` (136,586 parameters) on 1x32x32 digits: per-example sketch, per-example Kronecker,
+       grouped sketch, and a plain batched forward + backward of the summed loss (the floor), all on the full split.
+2. **Fidelity** on digits with the CNN (SGD, 6 epochs, 3 checkpoints with their learning rates):
+   * group-level LDS: per grouping, ``lds_subsets`` random halves of the GROUPS; the CNN is retrained from scratch
+     (fixed seed) on the members of the kept groups and the margin of the true class is read on ``lds_targets``
+     validation examples. The same retrains score (i) grouped TracIn (exact, sketch, Kronecker) and grouped TRAK
+     (sketch) and (ii) the per-example scores summed to the groups (``one_hot @ per_example``).
+     Grouped TracIn equals the summed per-example scores for every linear projection (checked: max relative error),
+     so the non-trivial comparison is TRAK, whose kernel ``(X^T X + lambda I)^-1`` and ``Q`` are not additive.
+     A damping sweep of TRAK and two diagnostic variants (not package outputs) locate the loss of fidelity: the
+     package builds ``X^T X`` from the group rows, ``sum_G x_G x_G^T``, which weights a group by its size squared
+     where the per-example ``X^T X`` weights it by its size; the diagnostics use the same group features with
+     ``X^T X`` from ``x_G / sqrt(|G|)`` (no per-example gradients) or the per-example ``X^T X``.
+   * noisy labels: the CNN trained on 10% flipped labels; TracIn self-influence per example vs per group (group
+     gradient's squared norm): noisy-label AUC (each example scored by its group), recall of flipped labels after
+     inspecting 10% / 20% of the data (groups ranked by self-influence), and pruning: fraction of flipped labels
+     removed when removing the most self-influential groups (``prune_groups(order="highest")``) vs random groups.
+     Also reported: the group score divided by the squared group size (squared norm of the group's MEAN gradient; a
+     diagnostic, not a package output) and the members' per-example self-influences summed.
+3. ``speedup_vs_fidelity.png`` (one point per grouping) and markdown tables.
+
+    python benchmarks/ggda.py --out artifacts/bench/ggda            # full run (~4-5 min on 2 idle cores)
+    python benchmarks/ggda.py --out artifacts/bench/ggda --quick    # smoke run (~30 s)
+
+Timings need the cores to themselves: another CPU-heavy process on the 2 cores slowed the grouped resnet18 pass
+by more than 10x in one trial (wrap runs in ``flock /tmp/bench.lock`` when several benchmarks share a machine).
+
+Writes ``{out}/results.json``, ``{out}/results.md`` and ``{out}/speedup_vs_fidelity.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_attr import ImageDataModule, create_timm_model  # noqa: E402
+from lightning_attr.callbacks.grouped import group_batches, grouping_inputs, segments  # noqa: E402
+from lightning_attr.evaluation import lds, noisy_label_recall, prune_groups, random_subsets, recall_at  # noqa: E402
+from lightning_attr.influence import (  # noqa: E402
+    GradientFeaturizer,
+    damped_inverse,
+    margin,
+    out_to_loss,
+    tracin_scores,
+    trak_kernel,
+    trak_scores,
+    xtx,
+)
+from lightning_attr.influence.groups import Grouping, make_grouping  # noqa: E402
+from lightning_attr.io import atomic_write  # noqa: E402
+from lightning_attr.metrics.noisy_label import noisy_label_auc  # noqa: E402
+
+NUM_CLASSES = 10
+TARGETS = dict(resnet_speedup_32=10.0, lds_ratio=0.8, tracin_additive_max_rel_err=1e-4, prune_vs_random=2.0)
+
+
+@dataclass
+class Settings:
+    """Sizes of one run (``--quick`` picks the small ones)."""
+
+    image_size: int = 32
+    proj_dim: int = 2048
+    damping: float = 1e-3  # TRAK, relative: lambda = damping * mean(diag(X^T X))
+    group_sizes: tuple[int, ...] = (8, 32, 128)  # gradient_kmeans target sizes; plus random groups of 32
+    random_size: int = 32
+    # speed
+    resnet: str = "resnet18"
+    resnet_subset: int = 256  # per-example resnet passes are timed on this many examples and extrapolated
+    resnet_example_batch: int = 16
+    cnn_example_batch: int = 64
+    group_batch: int = 128  # grouped passes pack whole groups into batches of at most this many examples
+    timing_repeats: int = 2  # each timed pass runs this many times in a row; the fastest counts
+    # training (fidelity and noisy labels)
+    epochs: int = 6
+    checkpoint_every: int = 2
+    lr: float = 0.1
+    lr_decay: float = 0.5
+    batch_size: int = 64
+    # LDS
+    lds_subsets: int = 32
+    lds_targets: int = 96
+    retrain_epochs: int = 6
+    retrain_seeds: int = 2  # retrained outputs are averaged over these init / order seeds
+    trak_dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)  # sweep (same features, same retrains)
+    # noisy labels
+    label_noise: float = 0.1
+    prune_fractions: tuple[float, ...] = (0.05, 0.1, 0.2)
+    random_prune_seeds: int = 20
+    n_train: int | None = None  # truncate the train split (smoke runs only)
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(n_train=320, proj_dim=256, resnet_subset=32, epochs=2, checkpoint_every=1, lds_subsets=4,
+                   lds_targets=16, retrain_epochs=1, retrain_seeds=1, trak_dampings=(1e-3, 1e-1), random_prune_seeds=3)
+
+
+# ----------------------------------------------------------------------------------------------------------- utils
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (elapsed seconds, 1-minute load average)."""
+    print(f"[ggda {time.perf_counter() - _START:6.0f}s load {os.getloadavg()[0]:.1f}] {message}", file=sys.stderr,
+          flush=True)
+
+
+def max_rel_err(a: Tensor, b: Tensor) -> float:
+    """``max |a - b| / max |b|``."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------- model and data
+class DigitsCNN(nn.Module):
+    """Conv(C->16, 3x3) - ReLU - MaxPool - Conv(16->32, 3x3) - ReLU - MaxPool - Linear(32*(S/4)^2, 64) - ReLU -
+    Linear(64, 10) (the model of ``benchmarks/influence.py``)."""
+
+    def __init__(self, image_size: int = 32, channels: int = 1, width: int = 16, hidden: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.fc1 = nn.Linear(2 * width * (image_size // 4) ** 2, hidden)
+        self.fc2 = nn.Linear(hidden, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass
+class Data:
+    """Digits splits as tensors; ``noisy`` flags the flipped train labels (all False without label noise)."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    noisy: Tensor
+
+    @classmethod
+    def load(cls, image_size: int, channels: int = 1, label_noise: float = 0.0) -> Data:
+        dm = ImageDataModule("digits", image_size=image_size, channels=channels, label_noise=label_noise)
+        dm.setup()
+
+        def stack(split: str) -> tuple[Tensor, Tensor]:
+            ds = dm.splits[split]
+            items = [ds[i] for i in range(len(ds))]
+            assert [int(it["index"]) for it in items] == list(range(len(ds)))
+            return torch.stack([it["image"] for it in items]), torch.tensor([int(it["label"]) for it in items])
+
+        return cls(*stack("train"), *stack("val"), dm.noisy_mask.clone())
+
+    def truncated(self, n: int | None) -> Data:
+        if n is None:
+            return self
+        return Data(self.x_train[:n], self.y_train[:n], self.x_val, self.y_val, self.noisy[:n])
+
+
+@dataclass
+class Checkpoint:
+    epoch: int
+    lr: float
+    state: dict[str, Tensor]
+    train_acc: float
+    val_acc: float
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, bs: int = 512) -> Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + bs]) for i in range(0, x.shape[0], bs)])
+
+
+def train_cnn(x: Tensor, y: Tensor, s: Settings, epochs: int, seed: int = 0, checkpoints: bool = False,
+              val: tuple[Tensor, Tensor] | None = None) -> tuple[DigitsCNN, list[Checkpoint]]:
+    """Plain torch SGD (momentum 0.9), lr ``lr * lr_decay**(epoch // checkpoint_every)``, seeded init and order;
+    with ``checkpoints``, the state dict and the lr of the epochs just finished every ``checkpoint_every`` epochs."""
+    torch.manual_seed(seed)
+    model = DigitsCNN(s.image_size, x.shape[1])
+    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    ckpts = []
+    for epoch in range(epochs):
+        lr = s.lr * s.lr_decay ** (epoch // s.checkpoint_every)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        order = torch.randperm(x.shape[0], generator=gen)
+        for i in range(0, order.numel(), s.batch_size):
+            idx = order[i : i + s.batch_size]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        if checkpoints and (epoch + 1) % s.checkpoint_every == 0:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            tr = float(predict(model, x).argmax(1).eq(y).float().mean())
+            va = float(predict(model, val[0]).argmax(1).eq(val[1]).float().mean()) if val else float("nan")
+            ckpts.append(Checkpoint(epoch, lr, state, tr, va))
+            log(f"checkpoint epoch {epoch}: lr {lr:g}, train acc {tr:.3f}, val acc {va:.3f}")
+    return model.eval(), ckpts
+
+
+def load_cnn(s: Settings, ck: Checkpoint, channels: int = 1) -> DigitsCNN:
+    model = DigitsCNN(s.image_size, channels)
+    model.load_state_dict(ck.state)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------- attribution passes
+def example_pass(feat: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...], bs: int,
+                 limit: int | None = None) -> Tensor:
+    """Per-example features (n, k) of the first ``limit`` (default all) examples, batch after batch."""
+    n = x.shape[0] if limit is None else min(limit, x.shape[0])
+    return torch.cat([feat(x[i : min(n, i + bs)], y[i : min(n, i + bs)], key).detach() for i in range(0, n, bs)])
+
+
+def grouped_pass(feat: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...], grouping: Grouping,
+                 bs: int) -> Tensor:
+    """Group features (n_groups, k): batches hold whole groups (``group_batches``), each batch's runs of one group are
+    segments (``segments``) whose summed-output gradient features the featurizer returns; partial sums of groups
+    split over batches are added (exactly what the callbacks' grouped pass does on one process)."""
+    assignment = grouping.assignment
+    out: Tensor | None = None
+    for idx in group_batches(assignment, bs):
+        idx = torch.tensor(idx)
+        bounds, rows = segments(assignment[idx])
+        v = feat(x[idx], y[idx], key, bounds).detach()
+        if out is None:
+            out = v.new_zeros(grouping.num_groups, v.shape[1])
+        out.index_add_(0, rows, v)
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def last_layer_grouping_inputs(model: nn.Module, x: Tensor, y: Tensor, bs: int = 128) -> tuple[Tensor, Tensor]:
+    """The package's ``grouping_inputs("gradient_kmeans")``: classifier-layer loss gradients (n, O*I') and labels."""
+    loader = DataLoader(TensorDataset(x, y, torch.arange(x.shape[0])), batch_size=bs, shuffle=False)
+    idx, parts = grouping_inputs("gradient_kmeans", model, loader, lambda b: tuple(b), None, torch.device("cpu"))
+    order = torch.argsort(idx)
+    return parts["features"][order], parts["labels"][order]
+
+
+def make_groupings(s: Settings, model: nn.Module, x: Tensor, y: Tensor) -> tuple[dict[str, Grouping], dict]:
+    """The benchmark's groupings (``gk8``, ``gk32``, ``gk128``: gradient_kmeans within class; ``rand32``) and the
+    seconds each took (the gradient feature pass is shared by the k-means groupings and reported once)."""
+    n = x.shape[0]
+    (feats, labels), t_feats = timed(lambda: last_layer_grouping_inputs(model, x, y))
+    groupings, seconds = {}, {"gradient_features": t_feats}
+    for size in s.group_sizes:
+        g, t = timed(lambda: make_grouping("gradient_kmeans", n, group_size=size, seed=0, labels=labels,
+                                           features=feats))
+        groupings[f"gk{size}"], seconds[f"gk{size}"] = g, t
+    g, t = timed(lambda: make_grouping("random", n, group_size=s.random_size, seed=0))
+    groupings[f"rand{s.random_size}"], seconds[f"rand{s.random_size}"] = g, t
+    return groupings, seconds
+
+
+def grouping_info(g: Grouping) -> dict:
+    sizes = g.sizes.double()
+    return dict(method=g.method, num_groups=g.num_groups, mean_size=float(sizes.mean()), min_size=int(sizes.min()),
+                max_size=int(sizes.max()))
+
+
+# -------------------------------------------------------------------------------------------------------- 1. speed
+def run_speed(s: Settings, model: nn.Module, x: Tensor, y: Tensor, groupings: dict[str, Grouping],
+              grouping_seconds: dict, example_bs: int, subset: int | None, kronecker: bool = True,
+              plain: bool = False) -> dict:
+    """Each configuration's pass ``timing_repeats`` times (fastest kept; all in ``runs_s``) after a one-batch warm-up
+    of each featurizer (the sketch hashes are drawn in the warm-up, reported as ``sketch_setup_s``). ``subset``: the
+    per-example sketch pass runs on that many examples and is extrapolated linearly."""
+    n = x.shape[0]
+    res: dict[str, Any] = dict(n_train=n, params=num_params(model), proj_dim=s.proj_dim, example_batch=example_bs,
+                               group_batch=s.group_batch, grouping_seconds=grouping_seconds, rows=[])
+    sketch = GradientFeaturizer(model, proj_dim=s.proj_dim, projection="sketch")
+    _, setup = timed(lambda: sketch(x[:2], y[:2], (0,)))
+    res["sketch_setup_s"] = setup
+    sketch(x[:example_bs], y[:example_bs], (0,))  # warm-up at the real batch size
+    log(f"  sketch set-up (hashes for {sketch.num_params} coordinates) {setup:.1f}s")
+
+    def best(fn: Callable[[], Any]) -> list[float]:
+        return [timed(fn)[1] for _ in range(s.timing_repeats)]
+
+    def add(mode: str, projection: str, grouping: str | None, runs: list[float], examples: int, note: str = ""
+            ) -> None:
+        seconds = min(runs)
+        total = seconds * n / examples
+        res["rows"].append(dict(mode=mode, projection=projection, grouping=grouping, measured_examples=examples,
+                                measured_s=seconds, runs_s=runs, total_s=total, examples_per_s=n / total,
+                                extrapolated=examples < n, note=note))
+        log(f"  {mode:11s} {projection:9s} {grouping or '':7s} {examples} ex in {seconds:.2f}s -> "
+            f"{total:.1f}s / {n} ({n / total:.1f} ex/s)")
+
+    m = n if subset is None else min(subset, n)
+    t = best(lambda: example_pass(sketch, x, y, (0,), example_bs, m))
+    add("per-example", "sketch", None, t, m, "" if m == n else f"first {m} examples, extrapolated x{n / m:.2f}")
+    if kronecker:
+        kron = GradientFeaturizer(model, proj_dim=s.proj_dim, projection="kronecker")
+        kron(x[:example_bs], y[:example_bs], (0,))
+        t = best(lambda: example_pass(kron, x, y, (0,), example_bs))
+        add("per-example", "kronecker", None, t, n)
+        res["kronecker_dim"] = kron.feature_dim
+    bounds = torch.tensor([0, s.group_batch // 2, s.group_batch])
+    sketch(x[: s.group_batch], y[: s.group_batch], (0,), bounds)  # warm-up of the grouped path
+    for name, g in groupings.items():
+        t = best(lambda: grouped_pass(sketch, x, y, (0,), g, s.group_batch))
+        add("grouped", "sketch", name, t, n, f"mean group size {float(g.sizes.double().mean()):.1f}")
+    if plain:
+        def fb() -> None:
+            for i in range(0, n, s.group_batch):
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x[i : i + s.group_batch]), y[i : i + s.group_batch], reduction="sum").backward()
+            model.zero_grad(set_to_none=True)
+        fb()
+        t = best(fb)
+        add("plain f+b", "-", None, t, n, "batched forward + backward of the summed loss, no attribution")
+    base = next(r for r in res["rows"] if r["mode"] == "per-example" and r["projection"] == "sketch")["total_s"]
+    for r in res["rows"]:
+        r["speedup"] = base / r["total_s"]
+        if r["grouping"]:
+            gs = grouping_seconds.get(r["grouping"], 0.0) + (grouping_seconds["gradient_features"]
+                                                               if r["grouping"].startswith("gk") else 0.0)
+            r["grouping_s"] = gs
+            r["speedup_with_grouping"] = base / (r["total_s"] + gs)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------ 2. fidelity
+@dataclass
+class Attributions:
+    """Per-example (n, m) and per-group (g, m) scores of the LDS targets, per method."""
+
+    per_example: dict[str, Tensor]
+    grouped: dict[str, dict[str, Tensor]]  # grouping -> method -> (g, m)
+    trak_sweep: dict[float, tuple[Tensor, dict[str, Tensor]]]  # damping -> (per-example, grouping -> grouped)
+
+
+DIAG_SIZEW = "trak_sketch, unweighted X^T X of group sums (diagnostic)"
+DIAG_EXGRAM = "trak_sketch, per-example X^T X (diagnostic)"
+TRACIN_VARIANTS = {"tracin_exact": dict(proj_dim=None), "tracin_sketch": dict(projection="sketch"),
+                   "tracin_kronecker": dict(projection="kronecker")}
+
+
+def attributions(s: Settings, ckpts: Sequence[Checkpoint], data: Data, groupings: dict[str, Grouping],
+                 xq: Tensor, yq: Tensor) -> tuple[Attributions, dict]:
+    """TracIn-CP (exact, sketch, Kronecker) and TRAK (sketch) scores, per example and per group, every checkpoint."""
+    x, y = data.x_train, data.y_train
+    lrs = [ck.lr for ck in ckpts]
+    pe: dict[str, list] = {k: [] for k in TRACIN_VARIANTS}
+    gr: dict[str, dict[str, list]] = {name: {k: [] for k in TRACIN_VARIANTS} for name in groupings}
+    q_pe: dict[str, list] = {k: [] for k in TRACIN_VARIANTS}
+    trak: dict[str, list[Tensor]] = dict(x=[], phi=[], q=[])
+    trak_g = {name: dict(x=[], q=[]) for name in groupings}
+    for c, ck in enumerate(ckpts):
+        model = load_cnn(s, ck)
+        for name, kw in TRACIN_VARIANTS.items():
+            kw = dict(kw, proj_dim=kw.get("proj_dim", s.proj_dim))
+            feat = GradientFeaturizer(model, output="cross_entropy", **kw)
+            pe[name].append(example_pass(feat, x, y, (c,), s.cnn_example_batch))
+            q_pe[name].append(example_pass(feat, xq, yq, (c,), s.cnn_example_batch))
+            for gname, g in groupings.items():
+                gr[gname][name].append(grouped_pass(feat, x, y, (c,), g, s.group_batch))
+        feat = GradientFeaturizer(model, output="margin", proj_dim=s.proj_dim, projection="sketch")
+        trak["x"].append(example_pass(feat, x, y, (c,), s.cnn_example_batch))
+        with torch.no_grad():
+            trak["q"].append(out_to_loss(predict(model, x), y))
+        trak["phi"].append(example_pass(feat, xq, yq, (c,), s.cnn_example_batch))
+        for gname, g in groupings.items():
+            trak_g[gname]["x"].append(grouped_pass(feat, x, y, (c,), g, s.group_batch))
+            trak_g[gname]["q"].append(g.one_hot() @ trak["q"][-1] / g.sizes.float())  # a group's Q: members' mean
+        log(f"  attribution features of checkpoint {c} done")
+
+    def trak_of(xs: list[Tensor], qs: list[Tensor], damping: float, grams: list[Tensor] | None = None) -> Tensor:
+        """TRAK scores; the kernel's ``X^T X`` from ``xs`` themselves (the package) or from ``grams`` rows."""
+        grams = xs if grams is None else grams
+        kernels = [trak_kernel(x_c, damped_inverse(xtx(r_c), damping)) for x_c, r_c in zip(xs, grams)]
+        return trak_scores(kernels, trak["phi"], qs)
+
+    per_example = {name: tracin_scores(pe[name], q_pe[name], lrs) for name in TRACIN_VARIANTS}
+    per_example["trak_sketch"] = trak_of(trak["x"], trak["q"], s.damping)
+    grouped = {}
+    for gname in groupings:
+        grouped[gname] = {name: tracin_scores(gr[gname][name], q_pe[name], lrs) for name in TRACIN_VARIANTS}
+        # the package (callbacks.TRAK with group_by): X^T X from rows x_G / sqrt(|G|) (sum_G |G| xbar xbar^T: each
+        # example counted once, as in the per-example X^T X, minus the within-group scatter)
+        sizes = groupings[gname].sizes.float().sqrt().unsqueeze(1)
+        grouped[gname]["trak_sketch"] = trak_of(trak_g[gname]["x"], trak_g[gname]["q"], s.damping,
+                                                [x_c / sizes for x_c in trak_g[gname]["x"]])
+        # diagnostics (not package outputs): X^T X of the plain group sums (weights groups by size^2), or the
+        # per-example X^T X itself (needs per-example features)
+        grouped[gname][DIAG_SIZEW] = trak_of(trak_g[gname]["x"], trak_g[gname]["q"], s.damping)
+        grouped[gname][DIAG_EXGRAM] = trak_of(trak_g[gname]["x"], trak_g[gname]["q"], s.damping, trak["x"])
+    sweep = {d: (trak_of(trak["x"], trak["q"], d), {
+        gname: trak_of(trak_g[gname]["x"], trak_g[gname]["q"], d,
+                       [x_c / groupings[gname].sizes.float().sqrt().unsqueeze(1) for x_c in trak_g[gname]["x"]])
+        for gname in groupings}) for d in s.trak_dampings}
+    # GGDA TracIn is additive for any linear projection: grouped == one_hot @ per-example (same seeds / keys)
+    checks = {gname: {name: max_rel_err(grouped[gname][name], groupings[gname].one_hot() @ per_example[name])
+                      for name in per_example} for gname in groupings}
+    per_example[DIAG_SIZEW] = per_example[DIAG_EXGRAM] = per_example["trak_sketch"]  # their per-example reference
+    return Attributions(per_example, grouped, sweep), checks
+
+
+def retrain_margins(s: Settings, data: Data, xq: Tensor, yq: Tensor) -> Callable[[Tensor], Tensor]:
+    """``train_fn(kept example indices) -> (m,)`` margins of the true class on the targets after retraining the CNN
+    from scratch on those examples (mean over ``retrain_seeds`` init / order seeds)."""
+
+    def train_fn(idx: Tensor) -> Tensor:
+        outs = []
+        for seed in range(s.retrain_seeds):
+            model, _ = train_cnn(data.x_train[idx], data.y_train[idx], s, s.retrain_epochs, seed=seed)
+            outs.append(margin(predict(model, xq), yq))
+        return torch.stack(outs).mean(0)
+
+    return train_fn
+
+
+def run_lds(s: Settings, data: Data, groupings: dict[str, Grouping], att: Attributions, xq: Tensor, yq: Tensor
+            ) -> dict:
+    train_fn = retrain_margins(s, data, xq, yq)
+    out: dict[str, Any] = {}
+    for k, (gname, g) in enumerate(groupings.items()):
+        masks = random_subsets(g.num_groups, s.lds_subsets, 0.5, seed=100 + k)
+        member = g.one_hot().bool()  # (g, n)
+        actual, t = timed(lambda: torch.stack([train_fn((m.double() @ member.double()).bool().nonzero().flatten())
+                                               for m in masks]))
+        rows = {}
+        for method in att.per_example:
+            res = {}
+            for kind, scores in (("grouped", att.grouped[gname][method]),
+                                 ("per_example_summed", g.one_hot() @ att.per_example[method])):
+                replay = iter(list(actual))  # the same retrains score every method, replayed in mask order
+                res[kind] = lds(lambda _idx, it=replay: next(it), scores, masks=masks)["lds"]
+            res["ratio"] = res["grouped"] / res["per_example_summed"] if res["per_example_summed"] else float("nan")
+            rows[method] = res
+        sweep = {}
+        for d, (pe_scores, g_scores) in att.trak_sweep.items():
+            sweep[str(d)] = {}
+            for kind, scores in (("grouped", g_scores[gname]), ("per_example_summed", g.one_hot() @ pe_scores)):
+                replay = iter(list(actual))
+                sweep[str(d)][kind] = lds(lambda _idx, it=replay: next(it), scores, masks=masks)["lds"]
+        out[gname] = dict(trak_damping_sweep=sweep, num_groups=g.num_groups, subsets=s.lds_subsets, retrain_s=t,
+                          kept_examples_mean=float((masks.double() @ g.sizes.double()).mean()), methods=rows)
+        log(f"  LDS {gname}: " + ", ".join(f"{m} {r['grouped']:.3f}/{r['per_example_summed']:.3f}"
+                                          for m, r in rows.items()) + f" ({t:.0f}s retraining)")
+    return out
+
+
+def run_noisy(s: Settings, data: Data, ckpts: Sequence[Checkpoint], groupings: dict[str, Grouping]) -> dict:
+    """TracIn-CP self-influence (exact, all parameters) per example and per group on the noisy-label model."""
+    x, y, noisy = data.x_train, data.y_train, data.noisy
+    n = x.shape[0]
+    self_pe = torch.zeros(n)
+    self_g = {name: torch.zeros(g.num_groups) for name, g in groupings.items()}
+    t_pe = t_g = 0.0
+    for c, ck in enumerate(ckpts):
+        feat = GradientFeaturizer(load_cnn(s, ck), output="cross_entropy", proj_dim=None)
+        v, t = timed(lambda: torch.cat([feat.sq_norms(x[i : i + 256], y[i : i + 256]) for i in range(0, n, 256)]))
+        self_pe += ck.lr * v
+        t_pe += t
+        for name, g in groupings.items():
+            v, t = timed(lambda: grouped_pass(feat, x, y, (c,), g, s.group_batch).pow(2).sum(1))
+            self_g[name] += ck.lr * v
+            t_g += t
+
+    def evaluate(scores: Tensor, assignment: Tensor) -> dict:
+        curve = noisy_label_recall(scores, assignment, noisy)
+        row = dict(auc=float(noisy_label_auc(scores[assignment], noisy)), recall_10=recall_at(curve, 0.1),
+                   recall_20=recall_at(curve, 0.2), prune={})
+        for f in s.prune_fractions:
+            def removed_noisy(kept: Tensor) -> tuple[float, float]:
+                mask = torch.ones(n, dtype=torch.bool)
+                mask[kept] = False
+                return float(noisy[mask].sum() / noisy.sum()), float(mask.double().mean())
+            top, top_frac = removed_noisy(prune_groups(scores, assignment, f, "highest"))
+            rnd = [removed_noisy(prune_groups(scores, assignment, f, seed=r)) for r in range(s.random_prune_seeds)]
+            row["prune"][str(f)] = dict(highest=top, highest_removed=top_frac,
+                                        random=float(np.mean([r[0] for r in rnd])),
+                                        random_removed=float(np.mean([r[1] for r in rnd])))
+        return row
+
+    rows = {"per-example": dict(num_groups=n, **evaluate(self_pe, torch.arange(n)))}
+    for name, g in groupings.items():
+        # the package's ranking (group_mean_self_influence = summed-gradient self-influence / size^2)
+        rows[name] = dict(num_groups=g.num_groups, **evaluate(self_g[name] / g.sizes.double().pow(2).float(),
+                                                              g.assignment))
+        rows[name + " (summed gradient)"] = dict(num_groups=g.num_groups, **evaluate(self_g[name], g.assignment))
+        rows[name + " (per-example summed)"] = dict(num_groups=g.num_groups,
+                                                    **evaluate(g.one_hot() @ self_pe, g.assignment))
+        # how pure the groups are: fraction of flipped labels that sit in groups that are mostly flipped
+        frac = (g.one_hot() @ noisy.float()) / g.sizes.float()
+        rows[name]["flipped_in_majority_flipped_groups"] = float(noisy[frac[g.assignment] > 0.5].sum() / noisy.sum())
+    for name, r in rows.items():
+        log(f"  noisy {name}: AUC {r['auc']:.3f}, recall@10% {r['recall_10']:.3f}, recall@20% {r['recall_20']:.3f}")
+    return dict(n_noisy=int(noisy.sum()), seconds_per_example=t_pe, seconds_grouped=t_g, rows=rows)
+
+
+# ------------------------------------------------------------------------------------------------------ reporting
+def verdicts(r: dict) -> list[dict]:
+    out = []
+
+    def add(name: str, value: float | None, target: float, higher: bool = True, note: str = "") -> None:
+        met = None if value is None or math.isnan(value) else (value >= target if higher else value <= target)
+        out.append(dict(target=name, value=value, threshold=target, higher_is_better=higher, met=met, note=note))
+
+    res = r["speed"]["resnet"]
+    for row in res["rows"]:
+        if row["mode"] == "grouped" and row["grouping"].endswith("32"):
+            add(f"resnet18 grouped ({row['grouping']}) speed-up over per-example sketch", row["speedup"],
+                TARGETS["resnet_speedup_32"], note=f"with grouping time: {row['speedup_with_grouping']:.1f}x")
+    for gname, lr in r["lds"].items():
+        for method in ("trak_sketch", "tracin_sketch", "tracin_kronecker", DIAG_SIZEW):
+            m = lr["methods"][method]
+            add(f"LDS ratio grouped / per-example summed, {method}, {gname}", m["ratio"], TARGETS["lds_ratio"],
+                note=f"{m['grouped']:.3f} vs {m['per_example_summed']:.3f}")
+    worst = max(v for g in r["additivity"].values() for k, v in g.items() if k.startswith("tracin"))
+    add("grouped TracIn == summed per-example (max rel err, all TracIn variants and groupings)", worst,
+        TARGETS["tracin_additive_max_rel_err"], higher=False)
+    for name, row in r["noisy"]["rows"].items():
+        if "summed" in name:
+            continue
+        p = row["prune"]["0.1"]
+        add(f"pruning top self-influence {'examples' if name == 'per-example' else 'groups'} ({name}), flipped "
+            "removed at 10% vs random", p["highest"] / max(p["random"], 1e-9), TARGETS["prune_vs_random"],
+            note=f"{p['highest']:.3f} vs {p['random']:.3f}" + (" (diagnostic, not a package output)" if "summed "
+                                                                   "gradient" in name else ""))
+    return out
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.{digits}g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.{digits}f}"
+    return str(v)
+
+
+def speed_table(res: dict) -> list[str]:
+    lines = ["| pass | projection | grouping | measured (runs) | total s (full split) | ex/s | speed-up | grouping s | "
+             "speed-up incl. grouping |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in res["rows"]:
+        measured = f"{row['measured_examples']} ex, " + " / ".join(f"{v:.2f}s" for v in row["runs_s"]) + (
+            " (extrapolated)" if row["extrapolated"] else "")
+        lines.append(f"| {row['mode']} | {row['projection']} | {row['grouping'] or ''} | {measured} | "
+                     f"{row['total_s']:.1f} | {row['examples_per_s']:.1f} | {row['speedup']:.1f}x | "
+                     f"{fmt(row.get('grouping_s'), 2)} | "
+                     f"{fmt(row.get('speedup_with_grouping'), 1) + 'x' if 'speedup_with_grouping' in row else ''} |")
+    return lines
+
+
+def markdown(r: dict) -> str:
+    s = r["settings"]
+    lines = [f"# GGDA benchmark ({'quick' if r['quick'] else 'full'} run)", "",
+             f"CPU only, {r['threads']} torch threads, torch {r['torch']}, {r['machine']}; wall time "
+             f"{r['wall_seconds']:.0f} s; 1-min load average {r['load_start']:.1f} at the start, "
+             f"{r['load_end']:.1f} at the end.", ""]
+    lines += ["## Groupings", "", "gradient_kmeans: k-means on the classifier layer's per-example loss gradients, "
+              "within each (given) label; sizes are a target, not a cap. random: uniform partition.", "",
+              "| part | grouping | groups | mean size | min | max |", "|---|---|---|---|---|---|"]
+    for part, infos in r["groupings"].items():
+        for name, gi in infos.items():
+            lines.append(f"| {part} | {name} | {gi['num_groups']} | {gi['mean_size']:.1f} | {gi['min_size']} | "
+                         f"{gi['max_size']} |")
+    for key, title in (("resnet", "(a) timm resnet18"), ("cnn", "(b) DigitsCNN")):
+        res = r["speed"][key]
+        lines += ["", f"## Speed {title}: one attribution pass over the train split", "",
+                  f"{res['params']:,} parameters (all), k={res['proj_dim']}; per-example batch {res['example_batch']}, "
+                  f"grouped batches of at most {res['group_batch']} examples (whole groups); each pass run "
+                  f"{len(res['rows'][0]['runs_s'])} times, the fastest counts. Count-sketch set-up "
+                  f"(hashes of every coordinate, once per checkpoint, same for both modes, excluded): "
+                  f"{res['sketch_setup_s']:.1f} s. Grouping time of gradient_kmeans = the last-layer gradient "
+                  f"pass ({res['grouping_seconds']['gradient_features']:.2f} s) + k-means.", ""]
+        if "kronecker_dim" in res:
+            lines[-2] += f" Kronecker (LoGra) per-example features: {res['kronecker_dim']}."
+        lines += speed_table(res)
+    fid = r["fidelity"]
+    lines += ["", "## Fidelity: group-level LDS (DigitsCNN, clean labels)", "",
+              "Checkpoints (SGD, momentum 0.9): " + ", ".join(f"epoch {c['epoch']} lr {c['lr']:g} train acc "
+                                                                f"{c['train_acc']:.3f} val acc {c['val_acc']:.3f}"
+                                                                for c in fid["checkpoints"]) + ".",
+              f"{s['lds_subsets']} random halves of the groups per grouping; retrain from scratch "
+              f"({s['retrain_epochs']} epochs, outputs averaged over {s['retrain_seeds']} seeds) on the kept groups' "
+              f"examples; output = margin of the true class on {s['lds_targets']} "
+              f"validation targets. LDS = mean over targets of the Spearman correlation over subsets; both columns "
+              f"use the same retrains. k={s['proj_dim']} for sketch / Kronecker.", "",
+              "| grouping | groups | method | LDS grouped | LDS per-example summed | ratio |",
+              "|---|---|---|---|---|---|"]
+    for gname, row in r["lds"].items():
+        for method, m in row["methods"].items():
+            lines.append(f"| {gname} | {row['num_groups']} | {method} | {m['grouped']:.3f} | "
+                         f"{m['per_example_summed']:.3f} | {m['ratio']:.3f} |")
+    ds = list(next(iter(r["lds"].values()))["trak_damping_sweep"])
+    lines += ["", f"TRAK damping sweep (relative damping; default {s['damping']}): LDS grouped / per-example summed, "
+              "same features and retrains.", "", "| grouping | " + " | ".join(f"damping {d}" for d in ds) + " |",
+              "|---" * (1 + len(ds)) + "|"]
+    for gname, row in r["lds"].items():
+        sw = row["trak_damping_sweep"]
+        lines.append(f"| {gname} | " + " | ".join(f"{sw[d]['grouped']:.3f} / {sw[d]['per_example_summed']:.3f}"
+                                                   for d in ds) + " |")
+    lines += ["", "Additivity check: max |grouped - one_hot @ per-example| / max |one_hot @ per-example| of the "
+              "scores.",
+              "", "| grouping | " + " | ".join(next(iter(r["additivity"].values()))) + " |",
+              "|---" * (1 + len(next(iter(r["additivity"].values())))) + "|"]
+    for gname, row in r["additivity"].items():
+        lines.append(f"| {gname} | " + " | ".join(f"{v:.2e}" for v in row.values()) + " |")
+    nz = r["noisy"]
+    lines += ["", "## Noisy labels: TracIn-CP self-influence (DigitsCNN, exact gradients, all parameters)", "",
+              f"{nz['n_noisy']} of {r['fidelity']['n_train']} train labels flipped. Checkpoints: " +
+              ", ".join(f"epoch {c['epoch']} lr {c['lr']:g} train acc {c['train_acc']:.3f} val acc {c['val_acc']:.3f}"
+                        for c in nz["checkpoints"]) + ". Grouped = the package's "
+              "group_mean_self_influence: squared norm of the group's summed-loss gradient / size^2 (the group's "
+              "mean gradient); summed gradient = without the division (group_self_influence; diagnostic); "
+              "per-example summed = sum of the members' per-example "
+              "self-influences. Pruning: fraction of the flipped "
+              f"labels removed when removing whole groups (highest self-influence first) until the fraction is reached "
+              f"(the crossing group goes too; the actual removed fraction in brackets) vs random group order (mean of "
+              f"{s['random_prune_seeds']} orders).", "",
+              "| scores | groups | AUC | recall@10% | recall@20% | " + " | ".join(
+                  f"flipped removed @{int(float(f) * 100)}% (random)" for f in s["prune_fractions"]) + " |",
+              "|---" * (5 + len(s["prune_fractions"])) + "|"]
+    for name, row in nz["rows"].items():
+        cells = [f"{p['highest']:.3f} [{p['highest_removed']:.2f}] ({p['random']:.3f})" for p in row["prune"].values()]
+        lines.append(f"| {name} | {row['num_groups']} | {row['auc']:.3f} | {row['recall_10']:.3f} | "
+                     f"{row['recall_20']:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "## Targets", "", "| target | value | threshold | met | note |", "|---|---|---|---|---|"]
+    for v in r["verdicts"]:
+        met = {True: "yes", False: "NO", None: "n/a"}[v["met"]]
+        lines.append(f"| {v['target']} | {fmt(v['value'])} | {'>=' if v['higher_is_better'] else '<='} "
+                     f"{v['threshold']} | {met} | {v['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    speed = {row["grouping"]: row for row in r["speed"]["resnet"]["rows"] if row["grouping"]}
+    cnn = {row["grouping"]: row for row in r["speed"]["cnn"]["rows"] if row["grouping"]}
+    ax = axes[0]
+    for method, marker in (("trak_sketch", "o"), ("tracin_sketch", "s"), (DIAG_SIZEW, "^")):
+        xs = [speed[g]["speedup"] for g in r["lds"]]
+        ys = [r["lds"][g]["methods"][method]["ratio"] for g in r["lds"]]
+        ax.scatter(xs, ys, marker=marker, label=f"{method} (resnet18 speed-up)")
+        if method == "trak_sketch":
+            for g, xv, yv in zip(r["lds"], xs, ys):
+                ax.annotate(g, (xv, yv), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.scatter([cnn[g]["speedup"] for g in r["lds"]], ys, marker="o", facecolors="none", edgecolors="C0",
+                       label="trak_sketch (DigitsCNN speed-up)")
+    ax.axhline(TARGETS["lds_ratio"], ls="--", c="gray", lw=0.8)
+    ax.axvline(TARGETS["resnet_speedup_32"], ls=":", c="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"speed-up of the grouped pass over per-example (sketch, k={r['settings']['proj_dim']})")
+    ax.set_ylabel("group LDS: grouped / per-example summed")
+    ax.set_title("fidelity of group attribution")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    rows = r["noisy"]["rows"]
+    xs = [speed[g]["speedup"] for g in r["lds"]]
+    ys = [rows[g]["auc"] for g in r["lds"]]
+    ax.scatter(xs, ys, label="grouped self-influence")
+    ax.scatter(xs, [rows[g + " (per-example summed)"]["auc"] for g in r["lds"]], marker="x",
+               label="per-example summed to groups")
+    ax.scatter(xs, [rows[g + " (summed gradient)"]["auc"] for g in r["lds"]], marker="^",
+               label="summed-gradient self-influence (diagnostic)")
+    for g, xv, yv in zip(r["lds"], xs, ys):
+        ax.annotate(g, (xv, yv), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.axhline(rows["per-example"]["auc"], ls="--", c="C2", lw=0.8, label="per-example (1x)")
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up (resnet18, grouped vs per-example)")
+    ax.set_ylabel("noisy-label AUC")
+    ax.set_title("noisy-label detection (10% flipped)")
+    ax.legend(fontsize=7)
+    for ax in axes:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="artifacts/bench/ggda")
+    p.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    s = Settings.quick() if args.quick else Settings()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    r: dict[str, Any] = dict(quick=args.quick, threads=args.threads, torch=torch.__version__,
+                             machine=f"{platform.machine()}, {os.cpu_count()} cores, "
+                                     f"Python {platform.python_version()}",
+                             load_start=os.getloadavg()[0], settings=asdict(s), targets=TARGETS, groupings={}, speed={})
+
+    # ---- 1a. resnet18 speed
+    log("1a. resnet18 speed")
+    data3 = Data.load(s.image_size, channels=3).truncated(s.n_train)
+    torch.manual_seed(0)
+    resnet = create_timm_model(s.resnet, pretrained=False, num_classes=NUM_CLASSES).eval()
+    groupings, gsec = make_groupings(s, resnet, data3.x_train, data3.y_train)
+    r["groupings"]["resnet18 (speed)"] = {k: grouping_info(g) for k, g in groupings.items()}
+    r["speed"]["resnet"] = run_speed(s, resnet, data3.x_train, data3.y_train, groupings, gsec,
+                                     s.resnet_example_batch, s.resnet_subset, kronecker=True, plain=True)
+    del resnet, data3
+
+    # ---- 2a. clean CNN: checkpoints and groupings (reused by 1b)
+    log("2. DigitsCNN on clean digits")
+    data = Data.load(s.image_size, channels=1).truncated(s.n_train)
+    final, ckpts = train_cnn(data.x_train, data.y_train, s, s.epochs, seed=0, checkpoints=True,
+                             val=(data.x_val, data.y_val))
+    groupings, gsec = make_groupings(s, final, data.x_train, data.y_train)
+    r["groupings"]["DigitsCNN clean"] = {k: grouping_info(g) for k, g in groupings.items()}
+
+    # ---- 1b. CNN speed (final clean checkpoint)
+    log("1b. DigitsCNN speed")
+    r["speed"]["cnn"] = run_speed(s, final, data.x_train, data.y_train, groupings, gsec, s.cnn_example_batch, None,
+                                  kronecker=True, plain=True)
+
+    # ---- 2b. LDS
+    log("2b. attributions and group LDS")
+    step = max(1, data.x_val.shape[0] // s.lds_targets)
+    xq, yq = data.x_val[::step][: s.lds_targets], data.y_val[::step][: s.lds_targets]
+    att, checks = attributions(s, ckpts, data, groupings, xq, yq)
+    r["additivity"] = checks
+    r["fidelity"] = dict(n_train=data.x_train.shape[0], n_targets=xq.shape[0],
+                         checkpoints=[dict(epoch=c.epoch, lr=c.lr, train_acc=c.train_acc, val_acc=c.val_acc)
+                                      for c in ckpts])
+    r["lds"] = run_lds(s, data, groupings, att, xq, yq)
+
+    # ---- 2c. noisy labels
+    log("2c. noisy labels")
+    noisy = Data.load(s.image_size, channels=1, label_noise=s.label_noise).truncated(s.n_train)
+    nfinal, nckpts = train_cnn(noisy.x_train, noisy.y_train, s, s.epochs, seed=0, checkpoints=True,
+                               val=(noisy.x_val, noisy.y_val))
+    ngroupings, _ = make_groupings(s, nfinal, noisy.x_train, noisy.y_train)
+    r["groupings"]["DigitsCNN noisy"] = {k: grouping_info(g) for k, g in ngroupings.items()}
+    r["noisy"] = run_noisy(s, noisy, nckpts, ngroupings)
+    r["noisy"]["checkpoints"] = [dict(epoch=c.epoch, lr=c.lr, train_acc=c.train_acc, val_acc=c.val_acc)
+                                 for c in nckpts]
+
+    r["verdicts"] = verdicts(r)
+    r["wall_seconds"] = time.perf_counter() - start
+    r["load_end"] = os.getloadavg()[0]
+    md = markdown(r)
+    plot(r, out / "speedup_vs_fidelity.png")
+    atomic_write(str(out / "results.json"), lambda tmp: open(tmp, "w").write(json.dumps(_jsonable(r), indent=1)))
+    atomic_write(str(out / "results.md"), lambda tmp: open(tmp, "w").write(md))
+    print(md)
+    log(f"done in {r['wall_seconds']:.0f}s; wrote {out}/results.json, results.md, speedup_vs_fidelity.png")
+    return r
+
+
+if __name__ == "__main__":
+    main()
