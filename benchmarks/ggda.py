@@ -69,6 +69,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_attr import ImageDataModule, create_timm_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from influence import DigitsCNN, num_params  # noqa: E402  (the same small digits CNN)
 from lightning_attr.callbacks.grouped import group_batches, grouping_inputs, segments  # noqa: E402
 from lightning_attr.evaluation import lds, noisy_label_recall, prune_groups, random_subsets, recall_at  # noqa: E402
 from lightning_attr.influence import (  # noqa: E402
@@ -145,27 +148,6 @@ def max_rel_err(a: Tensor, b: Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- model and data
-class DigitsCNN(nn.Module):
-    """Conv(C->16, 3x3) - ReLU - MaxPool - Conv(16->32, 3x3) - ReLU - MaxPool - Linear(32*(S/4)^2, 64) - ReLU -
-    Linear(64, 10) (the model of ``benchmarks/influence.py``)."""
-
-    def __init__(self, image_size: int = 32, channels: int = 1, width: int = 16, hidden: int = 64) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.fc1 = nn.Linear(2 * width * (image_size // 4) ** 2, hidden)
-        self.fc2 = nn.Linear(hidden, NUM_CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 @dataclass
 class Data:
     """Digits splits as tensors; ``noisy`` flags the flipped train labels (all False without label noise)."""

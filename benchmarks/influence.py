@@ -33,8 +33,8 @@ Everything runs in one process on the same small digits CNN and the same checkpo
    and without ``TracIn(last_layer=True, every_n_epochs=1, num_queries=0, progress_bar=False)``. Overhead in %, time
    per pass, and whether the final weights are bit-identical.
 
-    python benchmarks/influence.py --out artifacts/bench/influence            # full run (~7 min on 2 cores)
-    python benchmarks/influence.py --out artifacts/bench/influence --quick    # smoke run (~20 s)
+    python benchmarks/influence.py --out artifacts/bench/influence            # full run (~5 min on 2 idle cores)
+    python benchmarks/influence.py --out artifacts/bench/influence --quick    # smoke run (smaller sizes, 1 round)
     python benchmarks/influence.py --parts tracin,throughput                  # a subset
 
 Prints markdown tables; writes ``{out}/results.json`` and ``{out}/results.md`` (and the checkpoints under

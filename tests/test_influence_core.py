@@ -168,6 +168,7 @@ def test_featurizer_projections_are_seeded_by_key_and_match_exact_in_expectation
     ref = exact @ RandomProjector(exact.shape[1], 32, 5, "rademacher", (7, 0)).matrix()
     torch.testing.assert_close(dense(x, y, (7,)), ref, rtol=1e-4, atol=1e-5)
     assert GradientFeaturizer(model, proj_dim=40).projection == "sketch"  # auto: small model
+    assert GradientFeaturizer(model, proj_dim=10_000).proj_dim is None  # k >= #params: exact, not a noisier sketch
     assert GradientFeaturizer(model, proj_dim=40, max_memory_mb=0.01).projection == "kronecker"  # auto: "big" one
     sketch = GradientFeaturizer(model, proj_dim=32, projection="sketch", seed=5)
     ref = exact @ CountSketch(exact.shape[1], 32, 5, (7, 3)).matrix()

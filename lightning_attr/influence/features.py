@@ -105,6 +105,8 @@ class GradientFeaturizer:
         if projection == "kronecker" and self.layers is None and self.proj_dim:
             raise ValueError("`projection='kronecker'` needs the layer route (Linear / Conv2d / norm layers only).")
         num_params = sum(p.numel() for p in self.params.values())
+        if self.proj_dim and self.proj_dim >= num_params:  # projecting up only adds noise: keep exact gradients
+            self.proj_dim = None
         if projection == "auto":
             big = num_params * 64 * 4 > max_memory_mb * 2**20
             projection = "kronecker" if big and self.layers is not None else "sketch"
