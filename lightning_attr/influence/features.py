@@ -179,7 +179,7 @@ class GradientFeaturizer:
         else:
             parts = [{n: segment_sum(t * self._scale(n), bounds) for n, t in norm_grads(layer, a, g).items()}
                      for a, g in layer.calls]
-        return {n: sum(p[n] for p in parts) for n in parts[0]}
+        return parts[0] if len(parts) == 1 else {n: sum(p[n] for p in parts) for n in parts[0]}  # no copy for one call
 
     def flat_grads(self, x: Tensor, y: Tensor, bounds: Tensor | None = None) -> Tensor:
         """Exact gradients flattened in parameter order: (B, num_params) per example, (R, num_params) per segment."""
