@@ -71,7 +71,7 @@ sys.path.insert(0, str(ROOT))
 from lightning_attr import ImageDataModule, create_timm_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from influence import DigitsCNN, num_params  # noqa: E402  (the same small digits CNN)
+from influence import DigitsCNN, max_rel_err, num_params  # noqa: E402  (the same small digits CNN)
 from lightning_attr.callbacks.grouped import group_batches, grouping_inputs, segments  # noqa: E402
 from lightning_attr.evaluation import lds, noisy_label_recall, prune_groups, random_subsets, recall_at  # noqa: E402
 from lightning_attr.influence import (  # noqa: E402
@@ -140,11 +140,6 @@ def log(message: str) -> None:
     """Progress line on stderr (elapsed seconds, 1-minute load average)."""
     print(f"[ggda {time.perf_counter() - _START:6.0f}s load {os.getloadavg()[0]:.1f}] {message}", file=sys.stderr,
           flush=True)
-
-
-def max_rel_err(a: Tensor, b: Tensor) -> float:
-    """``max |a - b| / max |b|``."""
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
 # ---------------------------------------------------------------------------------------------- model and data
