@@ -19,7 +19,14 @@ from tqdm.auto import tqdm
 
 from lightning_attr.callbacks.grouped import group_batches, grouping_inputs, segments
 from lightning_attr.callbacks.influence_logging import log_topk
-from lightning_attr.callbacks.passes import attribution_loader, gather_by_index, isolated, train_dataset
+from lightning_attr.callbacks.passes import (
+    attribution_loader,
+    datamodule_attr,
+    gather_by_index,
+    isolated,
+    split,
+    train_dataset,
+)
 from lightning_attr.data.indexed import unpack_batch
 from lightning_attr.evaluation import noisy_label_recall, recall_at
 from lightning_attr.influence.features import GradientFeaturizer
@@ -168,14 +175,7 @@ class InfluenceCallback(L.Callback):
     def _query_examples(self, trainer: L.Trainer) -> tuple[Tensor, Tensor, Tensor] | None:
         if self._queries is not None or not self.num_queries:
             return self._queries
-        data = self.query_data
-        if data is None:
-            dm = trainer.datamodule
-            for source in (dm, getattr(dm, "datamodule", None)):
-                splits = getattr(source, "splits", None)
-                if isinstance(splits, dict) and "val" in splits:
-                    data = splits["val"]
-                    break
+        data = self.query_data if self.query_data is not None else split(trainer.datamodule, "val")[0]
         if data is None or len(data) == 0:
             return None
         batch = default_collate([data[i] for i in range(min(self.num_queries, len(data)))])
@@ -334,11 +334,11 @@ class InfluenceCallback(L.Callback):
         if spec is None:
             return None
         if isinstance(spec, str):
-            dm = trainer.datamodule
-            value = next((getattr(s, spec) for s in (dm, getattr(dm, "datamodule", None)) if hasattr(s, spec)), None)
+            value, _ = datamodule_attr(trainer.datamodule, spec)
             if value is None:
                 raise ValueError(f"`noisy_labels`={spec!r} is not an attribute of the datamodule "
-                                 f"{type(dm).__name__}; pass a mask / list of indices or the attribute's name.")
+                                 f"{type(trainer.datamodule).__name__}; pass a mask / list of indices or the "
+                                 "attribute's name.")
             spec = value
         spec = torch.as_tensor(spec)
         if spec.dtype == torch.bool:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from lightning_attr.data.samplers import UnpaddedDistributedSampler
 
-__all__ = ["isolated", "attribution_loader", "gather_by_index", "train_dataset"]
+__all__ = ["isolated", "attribution_loader", "gather_by_index", "train_dataset", "datamodule_attr"]
 
 
 @contextlib.contextmanager
@@ -37,17 +37,33 @@ def isolated(module: torch.nn.Module) -> Iterator[None]:
             torch.cuda.set_rng_state_all(states[3])
 
 
+def datamodule_attr(dm: Any, name: str) -> tuple[Any, Any]:
+    """``(value, owner)`` of attribute ``name`` on ``dm`` or on the datamodule it wraps (``dm.datamodule``, as an
+    ``OracleDataModule`` does); ``(None, None)`` when neither has it."""
+    for source in (dm, getattr(dm, "datamodule", None)):
+        if source is not None and getattr(source, name, None) is not None:
+            return getattr(source, name), source
+    return None, None
+
+
+def split(dm: Any, name: str) -> tuple[Dataset | None, Any]:
+    """``(dataset, owner)`` of split ``name`` in a datamodule's ``splits`` dict (see ``datamodule_attr``)."""
+    for source in (dm, getattr(dm, "datamodule", None)):
+        splits = getattr(source, "splits", None)
+        if isinstance(splits, dict) and name in splits:
+            return splits[name], source
+    return None, None
+
+
 def train_dataset(trainer: L.Trainer) -> tuple[Dataset, Any, int | None]:
     """``(dataset, collate_fn, batch_size)`` of the fit's training data, unshuffled.
 
     A datamodule with ``splits["train"]`` (``ImageDataModule``, or one wrapping it as ``.datamodule``) gives its
     train split; otherwise the dataset behind ``trainer.train_dataloader``.
     """
-    dm = trainer.datamodule
-    for source in (dm, getattr(dm, "datamodule", None)):
-        splits = getattr(source, "splits", None)
-        if isinstance(splits, dict) and "train" in splits:
-            return splits["train"], None, getattr(source, "batch_size", None)
+    data, source = split(trainer.datamodule, "train")
+    if data is not None:
+        return data, None, getattr(source, "batch_size", None)
     loader = trainer.train_dataloader
     if isinstance(loader, DataLoader):
         return loader.dataset, loader.collate_fn, loader.batch_size

@@ -8,7 +8,8 @@ train and query features of one checkpoint share it.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+import contextlib
+from typing import Iterator, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +105,7 @@ class GradientFeaturizer:
         self.proj_dim = proj_dim or None
         if projection == "kronecker" and self.layers is None and self.proj_dim:
             raise ValueError("`projection='kronecker'` needs the layer route (Linear / Conv2d / norm layers only).")
-        num_params = sum(p.numel() for p in self.params.values())
+        self.num_params = num_params = sum(p.numel() for p in self.params.values())
         if self.proj_dim and self.proj_dim >= num_params:  # projecting up only adds noise: keep exact gradients
             self.proj_dim = None
         if projection == "auto":
@@ -115,7 +116,6 @@ class GradientFeaturizer:
         self.scales: dict[str, float] = {}
         self._plan_key: tuple | None = None
         self._plan: dict = {}
-        self.num_params = sum(p.numel() for p in self.params.values())
 
     # ----------------------------------------------------------------------------------------------------- helpers
     def set_scales(self, scales: dict[str, float] | None) -> None:
@@ -125,38 +125,43 @@ class GradientFeaturizer:
     def _scale(self, name: str | None) -> float:
         return float(self.scales.get(name, 1.0)) if name else 1.0
 
-    def _requires_grad(self) -> dict[nn.Parameter, bool]:
+    @contextlib.contextmanager
+    def _grads_on(self) -> Iterator[None]:
         """Grad on for the selected parameters, off for all others (autograd then records only what it needs:
-        nothing below the classifier for ``last_layer``); returns the flags to restore."""
+        nothing below the classifier for ``last_layer``); the flags are restored afterwards."""
         selected = {id(p) for p in self.params.values()}
         flags = {p: p.requires_grad for p in self.module.parameters()}
         for p in flags:
             p.requires_grad_(id(p) in selected)
-        return flags
+        try:
+            yield
+        finally:
+            for p, f in flags.items():
+                p.requires_grad_(f)
 
-    def _restore(self, flags: dict[nn.Parameter, bool]) -> None:
-        for p, f in flags.items():
-            p.requires_grad_(f)
+    def _taps(self, x: Tensor, y: Tensor) -> contextlib.AbstractContextManager:
+        """``layer_taps`` over the selected layers with grads on the selected parameters only."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._grads_on())
+        stack.enter_context(layer_taps(self.module, self.layers, x, y, self.output_fn))
+        return stack
 
     # --------------------------------------------------------------------------------------------- exact gradients
     def per_example_grads(self, x: Tensor, y: Tensor, bounds: Tensor | None = None) -> dict[str, Tensor]:
         """Exact gradients ``{name: (R, *shape)}`` (scaled by ``s_p``) per example (R = B), or, with segment
         ``bounds`` (R + 1,), of each segment's summed output (a group gradient; no per-example gradients formed)."""
         bounds = None if bounds is None else check_bounds(bounds, x.shape[0])
-        flags = self._requires_grad()
-        try:
-            if self.layers is None:
+        if self.layers is None:
+            with self._grads_on():
                 grads = func_grads(self.module, self.params, x, y, self.output_fn)[0] if bounds is None else \
                     func_group_grads(self.module, self.params, x, y, self.output_fn, bounds)
-                return {n: g * self._scale(n) for n, g in grads.items()}
-            out: dict[str, Tensor] = {}
-            with layer_taps(self.module, self.layers, x, y, self.output_fn):
-                for layer in self.layers:
-                    for n, g in self._layer_grads(layer, x.shape[0], bounds).items():
-                        out[n] = out[n] + g if n in out else g
-            return {n: out[n] for n in self.params}
-        finally:
-            self._restore(flags)
+            return {n: g * self._scale(n) for n, g in grads.items()}
+        out: dict[str, Tensor] = {}
+        with self._taps(x, y):
+            for layer in self.layers:
+                for n, g in self._layer_grads(layer, x.shape[0], bounds).items():
+                    out[n] = out[n] + g if n in out else g
+        return {n: out[n] for n in self.params}
 
     def _factors(self, layer: Layer) -> list[tuple[Tensor, Tensor]]:
         sw, sb = self._scale(layer.weight), self._scale(layer.bias)
@@ -166,8 +171,9 @@ class GradientFeaturizer:
                    ) -> Tensor:
         """One layer call's Kronecker-projected gradient (R, k_out * k_in); inputs are projected through the layer's
         own op, so neither unfolded patches nor per-example gradients are formed."""
-        pa = project_inputs(layer, a, proj.p_in.cached(a.device), self._scale(layer.weight), self._scale(layer.bias))
         pg = output_grads(layer, g) @ proj.p_out.cached(g.device)
+        pa = project_inputs(layer, a, proj.p_in.cached(a.device), pg.shape[1], self._scale(layer.weight),
+                            self._scale(layer.bias))
         return contract(pa, pg, bounds).flatten(1)
 
     def _layer_grads(self, layer: Layer, b: int, bounds: Tensor | None = None) -> dict[str, Tensor]:
@@ -193,15 +199,11 @@ class GradientFeaturizer:
         """
         if not self.layers or len(self.layers) != 1 or not isinstance(self.layers[0].module, nn.Linear):
             raise ValueError("factored gradients need exactly one selected Linear layer (use `last_layer=True`).")
-        flags = self._requires_grad()
-        try:
-            with layer_taps(self.module, self.layers, x, y, self.output_fn):
-                (a, g), *rest = self._factors(self.layers[0])
-                if rest or a.shape[1] != 1:
-                    raise ValueError(f"layer {self.layers[0].name!r} sees several positions or calls per example; "
-                                     "factored gradients need one (B, I) input per example.")
-        finally:
-            self._restore(flags)
+        with self._taps(x, y):
+            (a, g), *rest = self._factors(self.layers[0])
+            if rest or a.shape[1] != 1:
+                raise ValueError(f"layer {self.layers[0].name!r} sees several positions or calls per example; "
+                                 "factored gradients need one (B, I) input per example.")
         return _check_finite(a[:, 0].float(), "layer inputs"), _check_finite(g[:, 0].float(), "output gradients")
 
     def sq_norms(self, x: Tensor, y: Tensor) -> Tensor:
@@ -209,21 +211,18 @@ class GradientFeaturizer:
         ``sum_st (a_s.a_t)(g_s.g_t)`` when that is cheaper than forming ``O x I`` per example."""
         if self.layers is None:
             return self.flat_grads(x, y).pow(2).sum(1)
-        flags = self._requires_grad()
-        try:
-            total = x.new_zeros(x.shape[0], dtype=torch.float32)
-            with layer_taps(self.module, self.layers, x, y, self.output_fn):
-                for layer in self.layers:
-                    facs = self._factors(layer) if layer.factored else []
-                    s = sum(a.shape[1] for a, _ in facs) if facs else 0
-                    if facs and s * (layer.in_dim + layer.out_dim) <= layer.in_dim * layer.out_dim:
-                        a = torch.cat([f[0] for f in facs], 1).float()
-                        g = torch.cat([f[1] for f in facs], 1).float()
-                        total += ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
-                    else:
-                        total += sum(t.flatten(1).float().pow(2).sum(1) for t in self._layer_grads(layer, x.shape[0]).values())
-        finally:
-            self._restore(flags)
+        total = x.new_zeros(x.shape[0], dtype=torch.float32)
+        with self._taps(x, y):
+            for layer in self.layers:
+                facs = self._factors(layer) if layer.factored else []
+                s = sum(a.shape[1] for a, _ in facs) if facs else 0
+                if facs and s * (layer.in_dim + layer.out_dim) <= layer.in_dim * layer.out_dim:
+                    a = torch.cat([f[0] for f in facs], 1).float()
+                    g = torch.cat([f[1] for f in facs], 1).float()
+                    total += ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
+                else:
+                    total += sum(t.flatten(1).float().pow(2).sum(1)
+                                 for t in self._layer_grads(layer, x.shape[0]).values())
         return _check_finite(total.unsqueeze(1), "gradient norms")[:, 0]
 
     # ------------------------------------------------------------------------------------------------- projection
@@ -275,25 +274,21 @@ class GradientFeaturizer:
         if self.projection in ("dense", "sketch"):
             return _check_finite(plan["flat"]["proj"](self.flat_grads(x, y, bounds)), "projected gradients")
         rows = x.shape[0] if bounds is None else len(bounds) - 1
-        flags = self._requires_grad()
-        try:
-            parts, rest = [], []
-            with layer_taps(self.module, self.layers, x, y, self.output_fn):
-                for layer in self.layers:
-                    if not layer.factored:
-                        rest += [t.flatten(1).float() for t in self._layer_grads(layer, x.shape[0], bounds).values()]
-                        continue
-                    proj = plan[layer.name]["proj"]
-                    if not layer.calls:
-                        parts.append(x.new_zeros(rows, plan[layer.name]["dim"], dtype=torch.float32))
-                    elif proj is None:
-                        parts.append(sum(contract(a, g, bounds) for a, g in self._factors(layer)).flatten(1).float())
-                    else:
-                        parts.append(sum(self._kronecker(layer, proj, a, g, bounds) for a, g in layer.calls))
-            if rest:
-                flat = torch.cat(rest, 1)
-                proj = plan["rest"]["proj"]
-                parts.append(proj(flat) if proj is not None else flat)
-        finally:
-            self._restore(flags)
+        parts, rest = [], []
+        with self._taps(x, y):
+            for layer in self.layers:
+                if not layer.factored:
+                    rest += [t.flatten(1).float() for t in self._layer_grads(layer, x.shape[0], bounds).values()]
+                    continue
+                proj = plan[layer.name]["proj"]
+                if not layer.calls:
+                    parts.append(x.new_zeros(rows, plan[layer.name]["dim"], dtype=torch.float32))
+                elif proj is None:
+                    parts.append(sum(contract(a, g, bounds) for a, g in self._factors(layer)).flatten(1).float())
+                else:
+                    parts.append(sum(self._kronecker(layer, proj, a, g, bounds) for a, g in layer.calls))
+        if rest:
+            flat = torch.cat(rest, 1)
+            proj = plan["rest"]["proj"]
+            parts.append(proj(flat) if proj is not None else flat)
         return _check_finite(torch.cat(parts, 1), "projected gradients")

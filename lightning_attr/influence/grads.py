@@ -23,7 +23,6 @@ __all__ = ["Layer", "plan_layers", "layer_taps", "func_grads", "func_group_grads
            "factor_grads", "contract", "segment_sum", "check_bounds", "project_inputs", "output_grads"]
 
 FACTORED = (nn.Linear, nn.Conv2d)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 
 
 @dataclass
@@ -110,7 +109,7 @@ def linear_factors(layer: Layer, a: Tensor, g: Tensor, scale_w: float = 1.0, sca
         a = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
     else:
         a = a.reshape(b, -1, a.shape[-1])
-    g = output_grads(layer, g) if g.numel() else g
+    g = output_grads(layer, g)
     cols = []
     if layer.weight:
         cols.append(a * scale_w if scale_w != 1.0 else a)
@@ -119,15 +118,15 @@ def linear_factors(layer: Layer, a: Tensor, g: Tensor, scale_w: float = 1.0, sca
     return torch.cat(cols, -1) if len(cols) > 1 else cols[0], g
 
 
-def project_inputs(layer: Layer, a: Tensor, p_in: Tensor, scale_w: float = 1.0, scale_b: float = 1.0) -> Tensor:
+def project_inputs(layer: Layer, a: Tensor, p_in: Tensor, positions: int, scale_w: float = 1.0,
+                   scale_b: float = 1.0) -> Tensor:
     """``linear_factors(layer, a)[0] @ p_in`` (B, S, k_in) without forming the factor: the weight rows of ``p_in``
-    (I' x k_in) act through the layer's own op (``conv2d`` / ``linear``), the bias row is added as a bias."""
+    (I' x k_in) act through the layer's own op (``conv2d`` / ``linear``), the bias row is added as a bias.
+    ``positions`` = S, the output positions of the call (what a bias-only factor of ones spans)."""
     m, b = layer.module, a.shape[0]
     w = p_in[: p_in.shape[0] - 1] if layer.bias else p_in
     bias = p_in[-1] * scale_b if layer.bias else None
     if not layer.weight:  # bias only: the factor is a column of ones
-        positions = linear_factors(layer, a, a.new_zeros(0), 1.0, 1.0)[0].shape[1] if isinstance(m, nn.Conv2d) \
-            else a.reshape(b, -1, a.shape[-1]).shape[1]
         return bias.expand(b, positions, -1)
     w = w.T * scale_w  # (k_in, I)
     if isinstance(m, nn.Conv2d):
