@@ -46,9 +46,6 @@ class TRAK(InfluenceCallback):
             q = segment_sum(out_to_loss(self.module(x), y), bounds)
         return {"x": feats, "q": q}
 
-    def _query_features(self, x: Tensor, y: Tensor, key: tuple[int, ...]) -> Features:
-        return self.featurizer(x, y, key)
-
     def _finish(self, data: dict[str, Tensor]) -> dict[str, Tensor]:
         x = data["x"]
         # grouped: a group's feature is the sum of its members', so X_G^T X_G over-weights big groups and has rank
