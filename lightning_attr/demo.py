@@ -18,18 +18,23 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from lightning_attr.cli import build_cli
+from lightning_attr.cli import AttrCLI, build_cli
 from lightning_attr.evaluation import amortized_row, equal_error_budget, per_example_curve
 from lightning_attr.plots import attribution_heatmaps
+
+if TYPE_CHECKING:
+    from lightning_attr.modules import AmortizedExplainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _table(rows: list[dict]) -> str:
-    head = "| method | evals / example | MSE vs exact | Pearson | Spearman | sign agree | seconds |\n|---|---:|---:|---:|---:|---:|---:|"
+    head = ("| method | evals / example | MSE vs exact | Pearson | Spearman | sign agree | seconds |\n"
+            "|---|---:|---:|---:|---:|---:|---:|")
     lines = [
         f"| {r['method']}{' (label budget ' + str(r['budget']) + ')' if r['method'] == 'amortized' else ''} | "
         f"{r['evals_per_example']:.0f} | {r['mse']:.3e} | {r['pearson']:.3f} | {r['spearman']:.3f} | "
@@ -44,20 +49,10 @@ def run(out: str = "artifacts/demo", classifier_epochs: int | None = None, expla
     """Run the five stages; returns the results dict also written to ``{out}/results.json``."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     os.makedirs(out, exist_ok=True)
-    weights = os.path.join(out, "classifier_vit.safetensors")
     t0 = time.perf_counter()
-    args = ["fit", "--config", str(CONFIGS / "digits_classifier_vit.yaml"), "--trainer.default_root_dir", f"{out}/classifier",
-            "--model.init_args.export_path", weights]
-    if classifier_epochs:
-        args += ["--trainer.max_epochs", str(classifier_epochs)]
-    build_cli(args)
+    weights = classifier_stage(out, classifier_epochs)
     t1 = time.perf_counter()
-
-    args = ["fit", "--config", str(CONFIGS / "digits_shapley_vit.yaml"), "--trainer.default_root_dir", f"{out}/explainer",
-            "--model.init_args.classifier_weights", weights, "--data.init_args.cache_dir", f"{out}/oracle_cache"]
-    if explainer_epochs:
-        args += ["--trainer.max_epochs", str(explainer_epochs)]
-    cli = build_cli(args)
+    cli = explainer_stage(out, weights, explainer_epochs)
     trainer, dm = cli.trainer, cli.datamodule
     best = trainer.checkpoint_callback.best_model_path
     t2 = time.perf_counter()
@@ -65,64 +60,112 @@ def run(out: str = "artifacts/demo", classifier_epochs: int | None = None, expla
     t3 = time.perf_counter()
 
     explainer = type(cli.model).load_from_checkpoint(best, map_location="cpu").eval()
-    game = explainer.game
-    x, exact = dm.ground_truth(game, "cpu")
+    x, exact = dm.ground_truth(explainer.game, "cpu")
     label_budget = dm.num_samples
-    budgets = [label_budget * m for m in (1, 4, 16, 64)]
-    rows = [amortized_row(explainer, x, exact, label_budget)]
-    curve = per_example_curve(game, x, exact, ["permutation_shapley", "unbiased_kernel_shap"], budgets, seed=1)
-    rows += curve
+    rows, curve = comparison_stage(explainer, x, exact, label_budget)
     t4 = time.perf_counter()
 
-    amortized_mse = rows[0]["mse"]
-    perm = [r for r in curve if r["method"] == "permutation_shapley"]
-    perm_at_budget = perm[0]["mse"]
     results = {
         "test_metrics": test_metrics,
         "rows": rows,
         "label_budget": label_budget,
         "train_examples": len(dm.datamodule.splits["train"]),
         "test_examples": len(x),
-        "mse_ratio_permutation_at_label_budget": perm_at_budget / amortized_mse,
-        "equal_error_budget": {
-            m: equal_error_budget([r for r in curve if r["method"] == m], amortized_mse)
-            for m in ("permutation_shapley", "unbiased_kernel_shap")
-        },
+        **_equal_error(rows[0]["mse"], curve),
         "seconds": {"classifier": t1 - t0, "explainer": t2 - t1, "test": t3 - t2, "per_example": t4 - t3},
         "checkpoint": best,
     }
-    with torch.no_grad():
-        amortized = explainer(x[:6])
-        probs = game(x[:6], torch.ones(6, 1, game.num_players, dtype=torch.bool))[:, 0]
-    png = attribution_heatmaps(x[:6], {"exact Shapley": exact[:6], "amortized": amortized,
-                                       f"permutation @{label_budget}": per_example_curve_preds(game, x[:6], label_budget)},
-                               probs.argmax(-1), game.grid, os.path.join(out, "heatmaps.png"))
-    results["heatmaps"] = png
-    table = _table(rows)
-    ratio = results["equal_error_budget"]["permutation_shapley"] / label_budget
-    summary = (
-        f"\nAmortized Shapley on digits ({results['train_examples']} training images, {label_budget} evaluations each; "
-        f"{len(x)} test images, exact Shapley from 2^{game.num_players} coalitions)\n\n{table}\n\n"
-        f"Amortized MSE is {results['mse_ratio_permutation_at_label_budget']:.2f}x lower than per-example permutation "
-        f"sampling at the same {label_budget} evaluations; permutation sampling needs about "
-        f"{results['equal_error_budget']['permutation_shapley']:.0f} evaluations per example ({ratio:.1f}x) to match it.\n"
-        f"Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()) + f"\nHeatmaps: {png}\n"
-    )
+    results["heatmaps"] = _heatmaps(out, explainer, x, exact, label_budget)
+    summary = _amortization_summary(results, explainer.game.num_players)
     tda = attribution_stage(out, attribution_epochs)
     results["attribution"] = tda
-    lines = [f"| {r['callback']} | {r['checkpoints']} | {r['auc']:.3f} | {r['recall_at_10pct']:.3f} |" for r in tda["rows"]]
-    summary += (
-        f"\nTraining-data attribution during training: digits ResNet, 10% of the labels flipped (val acc "
-        f"{tda['val_acc']:.3f}; {tda['seconds']:.0f} s with the callbacks); self-influence flags the flipped labels:\n\n"
-        "| callback | checkpoints | noisy-label AUC | flipped labels found in the top 10% |\n|---|---:|---:|---:|\n"
-        + "\n".join(lines) + "\n"
-    )
+    summary += _attribution_summary(tda)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=float)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(summary)
     print(summary)
     return results
+
+
+def classifier_stage(out: str, epochs: int | None = None) -> str:
+    """Stage 1: train the ViT to explain and export its weights; returns the safetensors path."""
+    weights = os.path.join(out, "classifier_vit.safetensors")
+    args = ["fit", "--config", str(CONFIGS / "digits_classifier_vit.yaml"),
+            "--trainer.default_root_dir", f"{out}/classifier", "--model.init_args.export_path", weights]
+    if epochs:
+        args += ["--trainer.max_epochs", str(epochs)]
+    build_cli(args)
+    return weights
+
+
+def explainer_stage(out: str, weights: str, epochs: int | None = None) -> AttrCLI:
+    """Stage 2: train the amortized explainer on the frozen classifier ``weights``; returns the finished CLI."""
+    args = ["fit", "--config", str(CONFIGS / "digits_shapley_vit.yaml"), "--trainer.default_root_dir",
+            f"{out}/explainer", "--model.init_args.classifier_weights", weights,
+            "--data.init_args.cache_dir", f"{out}/oracle_cache"]
+    if epochs:
+        args += ["--trainer.max_epochs", str(epochs)]
+    return build_cli(args)
+
+
+def comparison_stage(explainer: AmortizedExplainer, x: torch.Tensor, exact: torch.Tensor,
+                     label_budget: int) -> tuple[list[dict], list[dict]]:
+    """Stage 4: the amortized row, then per-example estimators at 1x, 4x, 16x, 64x ``label_budget`` on ``x``
+    (N, C, H, W) against ``exact`` (N, d, K). Returns ``(all rows, per-example rows)``."""
+    budgets = [label_budget * m for m in (1, 4, 16, 64)]
+    rows = [amortized_row(explainer, x, exact, label_budget)]
+    methods = ["permutation_shapley", "unbiased_kernel_shap"]
+    curve = per_example_curve(explainer.game, x, exact, methods, budgets, seed=1)
+    return rows + curve, curve
+
+
+def _equal_error(amortized_mse: float, curve: list[dict]) -> dict:
+    perm = [r for r in curve if r["method"] == "permutation_shapley"]
+    return {
+        "mse_ratio_permutation_at_label_budget": perm[0]["mse"] / amortized_mse,
+        "equal_error_budget": {
+            m: equal_error_budget([r for r in curve if r["method"] == m], amortized_mse)
+            for m in ("permutation_shapley", "unbiased_kernel_shap")
+        },
+    }
+
+
+def _heatmaps(out: str, explainer: AmortizedExplainer, x: torch.Tensor, exact: torch.Tensor, label_budget: int) -> str:
+    """PNG of exact, amortized and permutation (at the label budget) heatmaps for the first 6 test images."""
+    game = explainer.game
+    with torch.no_grad():
+        amortized = explainer(x[:6])
+        probs = game(x[:6], torch.ones(6, 1, game.num_players, dtype=torch.bool))[:, 0]
+    maps = {"exact Shapley": exact[:6], "amortized": amortized,
+            f"permutation @{label_budget}": per_example_curve_preds(game, x[:6], label_budget)}
+    return attribution_heatmaps(x[:6], maps, probs.argmax(-1), game.grid, os.path.join(out, "heatmaps.png"))
+
+
+def _amortization_summary(results: dict, num_players: int) -> str:
+    label_budget, matched = results["label_budget"], results["equal_error_budget"]["permutation_shapley"]
+    return (
+        f"\nAmortized Shapley on digits ({results['train_examples']} training images, {label_budget} evaluations "
+        f"each; {results['test_examples']} test images, exact Shapley from 2^{num_players} coalitions)\n\n"
+        f"{_table(results['rows'])}\n\n"
+        f"Amortized MSE is {results['mse_ratio_permutation_at_label_budget']:.2f}x lower than per-example permutation "
+        f"sampling at the same {label_budget} evaluations; permutation sampling needs about "
+        f"{matched:.0f} evaluations per example ({matched / label_budget:.1f}x) to match it.\n"
+        f"Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items())
+        + f"\nHeatmaps: {results['heatmaps']}\n"
+    )
+
+
+def _attribution_summary(tda: dict) -> str:
+    lines = [f"| {r['callback']} | {r['checkpoints']} | {r['auc']:.3f} | {r['recall_at_10pct']:.3f} |"
+             for r in tda["rows"]]
+    return (
+        f"\nTraining-data attribution during training: digits ResNet, 10% of the labels flipped (val acc "
+        f"{tda['val_acc']:.3f}; {tda['seconds']:.0f} s with the callbacks); self-influence flags the flipped "
+        "labels:\n\n"
+        "| callback | checkpoints | noisy-label AUC | flipped labels found in the top 10% |\n|---|---:|---:|---:|\n"
+        + "\n".join(lines) + "\n"
+    )
 
 
 def attribution_stage(out: str, epochs: int | None = None) -> dict:

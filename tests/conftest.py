@@ -15,7 +15,7 @@ TINY_RESNET = dict(channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), stem_width=8)
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # helpers' parallel jobs run with 1
     yield
 
 

@@ -3,20 +3,23 @@
 Every estimator follows one contract: ``estimator(game, x, num_samples, generator=None) -> Tensor (B, d, K)``,
 reaching the model only through ``game(x, masks)`` and ``game.num_players``. ``num_samples`` is the budget of game
 evaluations per example. Each carries ``.unbiased`` (bool), ``.target`` ("shapley" / "banzhaf" / "lime") and ``.name``.
+
+Modules: :mod:`~lightning_attr.estimators.base` (the ``Game`` / ``Estimator`` protocols, the registry, input checks),
+:mod:`~lightning_attr.estimators.sampling` (seeded draws, least-norm solves), then one module per family.
 """
 
-from lightning_attr.estimators._common import ESTIMATORS, Estimator, Game
 from lightning_attr.estimators.banzhaf import banzhaf
-from lightning_attr.estimators.exact import MAX_EXACT_PLAYERS, exact_banzhaf, exact_lime, exact_shapley, exact_values
+from lightning_attr.estimators.base import get_estimator
+from lightning_attr.estimators.exact import exact_banzhaf, exact_lime, exact_shapley, exact_values
 from lightning_attr.estimators.kernel import kernel_shap, unbiased_kernel_shap
 from lightning_attr.estimators.lime import lime
 from lightning_attr.estimators.permutation import permutation_shapley
 
+# Importable here for existing callers, not advertised (their homes are base.py and exact.py).
+from lightning_attr.estimators.base import ESTIMATORS, Estimator, Game  # noqa: F401, E402
+from lightning_attr.estimators.exact import EXACT_FOR_TARGET, MAX_EXACT_PLAYERS  # noqa: F401, E402
+
 __all__ = [
-    "ESTIMATORS",
-    "Estimator",
-    "Game",
-    "MAX_EXACT_PLAYERS",
     "banzhaf",
     "exact_banzhaf",
     "exact_lime",
@@ -28,12 +31,3 @@ __all__ = [
     "permutation_shapley",
     "unbiased_kernel_shap",
 ]
-
-EXACT_FOR_TARGET = {"shapley": exact_shapley, "banzhaf": exact_banzhaf, "lime": exact_lime}
-
-
-def get_estimator(name: str) -> Estimator:
-    """The registered estimator called ``name``; raises a ``ValueError`` listing the allowed names."""
-    if name not in ESTIMATORS:
-        raise ValueError(f"Unknown estimator `name`={name!r}; allowed: {sorted(ESTIMATORS)}.")
-    return ESTIMATORS[name]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_attr.estimators._common import Game, check_inputs, register, uniform
+from lightning_attr.estimators.base import Game, check_inputs, register
+from lightning_attr.estimators.sampling import uniform
 
 __all__ = ["banzhaf"]
 

@@ -7,9 +7,10 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_attr.estimators._common import Game, check_inputs, register
+from lightning_attr.estimators.base import Game, check_inputs, register
 
-__all__ = ["MAX_EXACT_PLAYERS", "coalitions", "exact_shapley", "exact_banzhaf", "exact_lime", "exact_values"]
+__all__ = ["MAX_EXACT_PLAYERS", "EXACT_FOR_TARGET", "coalitions", "exact_shapley", "exact_banzhaf", "exact_lime",
+           "exact_values"]
 
 MAX_EXACT_PLAYERS = 20
 
@@ -104,3 +105,7 @@ def exact_banzhaf(game: Game, x: Tensor, num_samples: int | None = None, generat
 def exact_lime(game: Game, x: Tensor, num_samples: int | None = None, generator: torch.Generator | None = None) -> Tensor:
     """The infinite-sample limit of :func:`lime` (B, d, K): its weighted least squares over all ``2^d`` coalitions."""
     return exact_values(game, x, ("lime",))["lime"]
+
+
+EXACT_FOR_TARGET = {"shapley": exact_shapley, "banzhaf": exact_banzhaf, "lime": exact_lime}
+"""The exact estimator of each ``target`` ("shapley", "banzhaf", "lime"): the ground truth of a sampling estimator."""

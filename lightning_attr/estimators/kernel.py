@@ -7,7 +7,8 @@ import functools
 import torch
 from torch import Tensor
 
-from lightning_attr.estimators._common import Game, check_inputs, endpoints, random_subsets_of_size, register, solve, uniform
+from lightning_attr.estimators.base import Game, check_inputs, endpoints, register
+from lightning_attr.estimators.sampling import random_subsets_of_size, solve, uniform
 
 __all__ = ["kernel_shap", "unbiased_kernel_shap", "shapley_kernel_sizes", "shapley_kernel_gram"]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_attr.estimators._common import Game, check_inputs, register, solve, uniform
+from lightning_attr.estimators.base import Game, check_inputs, register
 from lightning_attr.estimators.exact import lime_kernel
+from lightning_attr.estimators.sampling import solve, uniform
 
 __all__ = ["lime"]
 

@@ -10,7 +10,8 @@ functions compose the two, and the :mod:`lightning_attr.metrics.attribution` Met
 accumulate the same statistics across batches / DDP ranks with ``dist_reduce_fx="sum"``, so
 a metric accumulated over any split of the data equals the functional value on all of it.
 
-Sums are accumulated in ``float64`` and counts in ``int64``.
+Sums are accumulated in ``float64`` and counts in ``int64``. Two row-wise building blocks are public for other
+rank-correlation scores (e.g. the LDS in :mod:`lightning_attr.evaluation`): :func:`pearson_rows`, :func:`average_ranks`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ __all__ = [
     "attribution_spearman",
     "sign_agreement",
     "efficiency_gap",
+    "pearson_rows",
+    "average_ranks",
 ]
 
 _ACC = torch.float64  # accumulation dtype for sums
@@ -145,7 +148,7 @@ def attribution_explained_variance(preds: Tensor, target: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- correlations
-def _pearson_rows(x: Tensor, y: Tensor) -> Tensor:
+def pearson_rows(x: Tensor, y: Tensor) -> Tensor:
     """Pearson correlation of each row pair of ``x, y`` ``(B, n)`` -> ``(B,)``.
 
     Rows where either side is constant (``max == min``) get correlation 0.
@@ -159,8 +162,8 @@ def _pearson_rows(x: Tensor, y: Tensor) -> Tensor:
     return torch.where(valid, corr.clamp(-1.0, 1.0), torch.zeros_like(corr))
 
 
-def _average_ranks(x: Tensor) -> Tensor:
-    """1-based ranks along dim 1 of ``x`` ``(B, n)``, ties get their average rank."""
+def average_ranks(x: Tensor) -> Tensor:
+    """1-based ranks along dim 1 of ``x`` ``(B, n)`` -> ``(B, n)``; ties get their average rank."""
     b, n = x.shape
     if n == 0:
         return x.clone()
@@ -180,14 +183,14 @@ def _average_ranks(x: Tensor) -> Tensor:
 def _attribution_pearson_update(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Returns ``(sum over examples of per-example correlation [float64], B [int64])``."""
     preds, target = _check_pair(preds, target)
-    corr = _pearson_rows(preds.flatten(1), target.flatten(1))
+    corr = pearson_rows(preds.flatten(1), target.flatten(1))
     return corr.sum(dtype=_ACC), torch.tensor(corr.numel(), dtype=torch.long, device=corr.device)
 
 
 def _attribution_spearman_update(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Returns ``(sum over examples of per-example rank correlation [float64], B [int64])``."""
     preds, target = _check_pair(preds, target)
-    corr = _pearson_rows(_average_ranks(preds.flatten(1)), _average_ranks(target.flatten(1)))
+    corr = pearson_rows(average_ranks(preds.flatten(1)), average_ranks(target.flatten(1)))
     return corr.sum(dtype=_ACC), torch.tensor(corr.numel(), dtype=torch.long, device=corr.device)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 
-from lightning_attr.estimators._common import random_subsets_of_size
+from lightning_attr.estimators.sampling import random_subsets_of_size
 from lightning_attr.games import PatchGame
 from lightning_attr.modules.optim import adamw_cosine
 from lightning_attr.modules.timm_models import create_timm_model, save_timm_weights

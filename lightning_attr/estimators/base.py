@@ -1,4 +1,4 @@
-"""Shared plumbing of the Monte-Carlo estimators: input checks, seeded sampling, budgets and the registry."""
+"""The estimator contract: what an estimator needs of a game, what it provides, the registry and input checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Game", "Estimator", "register", "check_inputs", "endpoints", "uniform", "random_subsets_of_size"]
+__all__ = ["Game", "Estimator", "ESTIMATORS", "register", "get_estimator", "check_inputs", "endpoints"]
 
 
 class Game(Protocol):
@@ -43,8 +43,15 @@ def register(name: str, target: str, unbiased: bool) -> Callable[[Callable], Est
     return wrap
 
 
+def get_estimator(name: str) -> Estimator:
+    """The registered estimator called ``name``; raises a ``ValueError`` listing the allowed names."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"Unknown estimator `name`={name!r}; allowed: {sorted(ESTIMATORS)}.")
+    return ESTIMATORS[name]
+
+
 def check_inputs(game: Game, x: Tensor, num_samples: int | None, minimum: int = 1) -> int:
-    """Validate ``x`` and ``num_samples``; return the number of players ``d``."""
+    """Validate ``x`` (B, ...) and ``num_samples``; return the number of players ``d``."""
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 1:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"`x` must be a batch tensor of shape (B, ...) with B >= 1, got {shape}.")
@@ -54,7 +61,8 @@ def check_inputs(game: Game, x: Tensor, num_samples: int | None, minimum: int = 
     if num_samples is not None and (
         isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < minimum
     ):
-        raise ValueError(f"`num_samples` must be an integer >= {minimum} (game evaluations per example), got {num_samples!r}.")
+        raise ValueError(f"`num_samples` must be an integer >= {minimum} (game evaluations per example), "
+                         f"got {num_samples!r}.")
     return d
 
 
@@ -64,20 +72,3 @@ def endpoints(game: Game, x: Tensor, d: int) -> tuple[Tensor, Tensor]:
     masks[:, 1] = True
     v = game(x, masks)
     return v[:, 0], v[:, 1]
-
-
-def uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Uniform [0, 1) draws made on the generator's device (so a CPU generator gives the same draws for CUDA x)."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
-
-
-def random_subsets_of_size(sizes: Tensor, d: int, generator: torch.Generator | None) -> Tensor:
-    """Uniformly random subsets with given sizes: ``sizes`` (...,) -> boolean masks (..., d)."""
-    ranks = uniform((*sizes.shape, d), generator, sizes.device).argsort(-1).argsort(-1)
-    return ranks < sizes.unsqueeze(-1)
-
-
-def solve(matrix: Tensor, rhs: Tensor) -> Tensor:
-    """Batched least-norm solve of ``matrix @ out = rhs`` in float64 (works for singular sample matrices)."""
-    return torch.linalg.pinv(matrix.double()) @ rhs.double()

@@ -1,0 +1,29 @@
+"""Evaluation: functions a benchmark, the demo or a test calls to score attributions against ground truth.
+
+:mod:`~lightning_attr.evaluation.features` scores feature attributions (error vs exact values, equal-error compute);
+:mod:`~lightning_attr.evaluation.data` scores training-data attributions (LDS, noisy-label recall, pruning curves).
+"""
+
+from lightning_attr.evaluation.data import (
+    lds,
+    noisy_label_recall,
+    prune_groups,
+    pruning_curve,
+    random_subsets,
+    recall_at,
+)
+from lightning_attr.evaluation.features import amortized_row, equal_error_budget, per_example_curve
+
+from lightning_attr.evaluation.features import attribution_errors  # noqa: F401, E402  (importable, not advertised)
+
+__all__ = [
+    "per_example_curve",
+    "amortized_row",
+    "equal_error_budget",
+    "lds",
+    "random_subsets",
+    "noisy_label_recall",
+    "recall_at",
+    "prune_groups",
+    "pruning_curve",
+]
