@@ -139,7 +139,9 @@ def _heatmaps(out: str, explainer: AmortizedExplainer, x: torch.Tensor, exact: t
         probs = game(x[:6], torch.ones(6, 1, game.num_players, dtype=torch.bool))[:, 0]
     maps = {"exact Shapley": exact[:6], "amortized": amortized,
             f"permutation @{label_budget}": per_example_curve_preds(game, x[:6], label_budget)}
-    return attribution_heatmaps(x[:6], maps, probs.argmax(-1), game.grid, os.path.join(out, "heatmaps.png"))
+    pred = probs.argmax(-1)
+    return attribution_heatmaps(x[:6], maps, pred, game.grid, os.path.join(out, "heatmaps.png"),
+                                titles=[f"pred {int(c)}" for c in pred])
 
 
 def _amortization_summary(results: dict, num_players: int) -> str:

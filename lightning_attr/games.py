@@ -11,6 +11,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_attr.frozen import eval_mode
+
 __all__ = ["PatchGame", "patch_grid", "check_masks"]
 
 Output = Literal["probs", "logits", "log_probs"]
@@ -43,7 +45,8 @@ class PatchGame(nn.Module):
     """``v(S)`` for every class: the wrapped classifier applied to ``x`` with patches outside ``S`` set to a baseline.
 
     Args:
-        model: any classifier mapping ``(N, C, H, W) -> (N, K)`` logits. It is always evaluated in eval mode.
+        model: any classifier mapping ``(N, C, H, W) -> (N, K)`` logits. It is always evaluated in eval mode (inside
+            :func:`~lightning_attr.frozen.eval_mode`: its own train/eval flags are restored afterwards).
         patch_size: side of a square patch (or ``(ph, pw)``); the players are the ``d = (H/ph) * (W/pw)`` patches in
             row-major order.
         image_size: ``(H, W)`` of the inputs; fixes ``num_players``.
@@ -82,17 +85,10 @@ class PatchGame(nn.Module):
         self.max_memory_mb = max_memory_mb
         self.register_buffer("baseline", torch.as_tensor(baseline, dtype=torch.float32), persistent=False)
         self.num_evaluations = 0
-        self.model.eval()
 
     @property
     def num_players(self) -> int:
         return self.grid[0] * self.grid[1]
-
-    def train(self, mode: bool = True) -> PatchGame:
-        """The explained model stays in eval mode whatever its owner does."""
-        super().train(mode)
-        self.model.eval()
-        return self
 
     def _check_x(self, x: Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[-2:]) != self.image_size:
@@ -137,10 +133,11 @@ class PatchGame(nn.Module):
         owner = torch.arange(b, device=x.device).repeat_interleave(m)
         chunk = self._chunk(x)
         outs = []
-        for start in range(0, b * m, chunk):
-            sl = slice(start, start + chunk)
-            logits = self.model(self.mask_inputs(x[owner[sl]], flat[sl]))
-            outs.append(self._transform(logits.float()))
+        with eval_mode(self.model):
+            for start in range(0, b * m, chunk):
+                sl = slice(start, start + chunk)
+                logits = self.model(self.mask_inputs(x[owner[sl]], flat[sl]))
+                outs.append(self._transform(logits.float()))
         self.num_evaluations += b * m
         return torch.cat(outs).view(b, m, -1)
 

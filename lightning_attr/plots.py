@@ -24,7 +24,8 @@ def attribution_heatmaps(
     """Save a PNG: one row per image (N, C, H, W), the image, then one heatmap per method for class ``classes[n]``.
 
     ``attributions``: method name -> (N, d, K). Each row shares a symmetric colour scale (red +, blue -), so the
-    methods are directly comparable. Written atomically; returns ``path``.
+    methods are directly comparable. ``titles``: one per image (default ``"class N"``, the class drawn; pass e.g.
+    ``"pred N"`` when ``classes`` are the model's predictions). Written atomically; returns ``path``.
     """
     import matplotlib
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import lightning as L
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import TINY_RESNET, explainer_kwargs
 
 from lightning_attr import AmortizedExplainer, ImageDataModule, OracleDataModule, create_timm_model
+from lightning_attr.io import load_tensors
 from lightning_attr.modules import save_timm_weights
 
 
@@ -43,6 +45,28 @@ def test_resnet_backbone_explains_a_vit(tmp_path, vit_weights):
     model = AmortizedExplainer(**explainer_kwargs(vit_weights[0], backbone="resnet18", backbone_weights=path,
                                                   backbone_kwargs=TINY_RESNET))
     assert model.features.dim == 8 and model(torch.randn(2, 3, 16, 16)).shape == (2, 4, 10)
+
+
+def test_fit_keeps_the_frozen_resnets_statistics_without_eval_mode_warnings(tmp_path):
+    """Frozen classifier and backbone (BatchNorm ResNets) follow the explainer's train mode, so Lightning finds no
+    module in eval mode; their running statistics still never change."""
+    torch.manual_seed(0)
+    path = str(tmp_path / "resnet.safetensors")
+    save_timm_weights(create_timm_model("resnet18", num_classes=10, **TINY_RESNET), path)
+    model = AmortizedExplainer(**explainer_kwargs(path, classifier="resnet18", classifier_kwargs=TINY_RESNET))
+    def frozen_state():
+        parts = {"game": model.game.model, "features": model.features.model}
+        return {f"{part}.{k}": v.clone() for part, module in parts.items() for k, v in module.state_dict().items()}
+
+    frozen = frozen_state()
+    assert any("running_mean" in k for k in frozen)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(model, datamodule(tmp_path))
+    assert not [str(w.message) for w in caught if "eval mode" in str(w.message)]
+    after = frozen_state()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())
+    assert model.global_step == 2
 
 
 def test_bad_head_and_backbone_are_named(vit_weights):
@@ -96,7 +120,7 @@ def test_ddp_fit_labels_every_example_once_across_ranks(tmp_path, vit_weights):
     model = AmortizedExplainer(**explainer_kwargs(vit_weights[0]))
     dm = datamodule(tmp_path, batch_size=16)
     trainer(tmp_path, devices=2, strategy="ddp_fork", max_epochs=1, limit_train_batches=4, limit_val_batches=0).fit(model, dm)
-    files = sorted((tmp_path / "cache").glob("train-*-rank*.pt"))
-    assert [f.name[-9:] for f in files] == ["-rank0.pt", "-rank1.pt"]
-    parts = [torch.load(f, weights_only=True)["index"] for f in files]
+    files = sorted((tmp_path / "cache").glob("train-*-rank*.safetensors"))
+    assert [f.name.rsplit("-", 1)[1] for f in files] == ["rank0.safetensors", "rank1.safetensors"]
+    parts = [load_tensors(str(f))[0]["index"] for f in files]
     assert len(parts[0]) == len(parts[1]) == 64 and not set(parts[0].tolist()) & set(parts[1].tolist())

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import pytest
 import torch
-from conftest import explainer_kwargs
+from conftest import TINY_VIT, explainer_kwargs
 
-from lightning_attr import AmortizedExplainer, ImageDataModule, OracleDataModule
+from lightning_attr import AmortizedExplainer, ImageDataModule, OracleDataModule, PatchGame
 from lightning_attr.data import LabelStore
+from lightning_attr.data.label_store import StaleLabelsError, content_signature
+from lightning_attr.data.oracle import game_fingerprint
+from lightning_attr.io import CorruptArtifactError
 from lightning_attr.estimators import exact_shapley, permutation_shapley
 
 
@@ -28,11 +33,12 @@ class Recorder(L.Callback):
         self.test.append((batch["image"].clone(), batch["exact"].clone()))
 
 
-def fit(tmp_path, weights, epochs=2, **data_kw):
-    images = ImageDataModule("digits", image_size=16, batch_size=64, val_fraction=0.02, test_fraction=0.005)
+def fit(tmp_path, weights, epochs=2, images_kw=None, dm=None, **data_kw):
+    images = ImageDataModule("digits", **{**dict(image_size=16, batch_size=64, val_fraction=0.02, test_fraction=0.005),
+                                          **(images_kw or {})})
     kw = dict(estimator="permutation_shapley", num_samples=8, test_size=5, cache_dir=str(tmp_path / "cache"))
     kw.update(data_kw)
-    dm = OracleDataModule(images, **kw)
+    dm = dm or OracleDataModule(images, **kw)
     model = AmortizedExplainer(**explainer_kwargs(weights))
     rec = Recorder()
     trainer = L.Trainer(max_epochs=epochs, limit_train_batches=2, accelerator="cpu", devices=1, logger=False,
@@ -67,6 +73,14 @@ def test_fixed_labels_are_reused_across_epochs_and_runs(tmp_path, vit_weights):
     assert dm2.evaluations["train"] == (len(by_index(rec2.train)) - cached) * 8
 
 
+def assert_labels_fit_the_served_images(dm, model, rec):
+    """Every served train label is the estimator's on *this* split's image: efficient against the exact values."""
+    images = dm.datamodule.splits["train"]
+    for _, idx, labels in rec.train:
+        x = torch.stack([images[int(i)]["image"] for i in idx])
+        torch.testing.assert_close(labels.sum(1), exact_shapley(model.game, x).sum(1), atol=1e-5, rtol=1e-4)
+
+
 def test_fixed_labels_are_the_estimator_on_the_game(tmp_path, vit_weights):
     dm, model, rec, _ = fit(tmp_path, vit_weights[0], epochs=1, label_mode="fixed")
     images = dm.datamodule.splits["train"]
@@ -76,6 +90,74 @@ def test_fixed_labels_are_the_estimator_on_the_game(tmp_path, vit_weights):
     # Unbiased noisy labels: efficient on every example and correlated with the exact values.
     torch.testing.assert_close(labels.sum(1), exact.sum(1), atol=1e-5, rtol=1e-4)
     assert torch.corrcoef(torch.stack([labels.flatten(), exact.flatten()]))[0, 1] > 0.5
+
+
+@pytest.mark.parametrize("change", [dict(seed=1), dict(mean=0.4)], ids=["split_seed", "mean"])
+def test_cache_is_keyed_by_the_split_and_preprocessing(tmp_path, vit_weights, change):
+    """Another split (same length) or another normalization sharing the cache dir gets its own labels."""
+    fit(tmp_path, vit_weights[0], epochs=1, label_mode="fixed")
+    dm, model, rec, _ = fit(tmp_path, vit_weights[0], epochs=1, images_kw=change, label_mode="fixed")
+    assert_labels_fit_the_served_images(dm, model, rec)
+    assert dm.evaluations["train"] == 2 * 64 * 8  # nothing served from the first run's cache
+    assert len(list((tmp_path / "cache").glob("train-*-rank0.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("cache_dir", [None, "cache"])
+def test_a_reused_datamodule_labels_for_the_new_game(tmp_path, vit_weights, cache_dir):
+    """One OracleDataModule, two explained models in turn: the second gets its own game's labels."""
+    from lightning_attr import create_timm_model
+    from lightning_attr.modules import save_timm_weights
+
+    dm, _, _, _ = fit(tmp_path, vit_weights[0], epochs=1, label_mode="fixed",
+                      cache_dir=cache_dir and str(tmp_path / cache_dir))
+    torch.manual_seed(1)
+    other = str(tmp_path / "other.safetensors")
+    save_timm_weights(create_timm_model("vit_tiny_patch16_224", num_classes=10, **TINY_VIT), other)
+    dm, model, rec, _ = fit(tmp_path, other, epochs=1, dm=dm)
+    assert_labels_fit_the_served_images(dm, model, rec)
+
+
+def test_labels_of_other_images_under_the_same_key_are_refused(tmp_path, vit_weights, monkeypatch):
+    """The read check: with a data fingerprint that misses the change, the stored image signatures catch it."""
+    monkeypatch.setattr("lightning_attr.data.oracle.dataset_fingerprint", lambda dataset: "blind")
+    fit(tmp_path, vit_weights[0], epochs=1, label_mode="fixed")
+    with pytest.raises(StaleLabelsError, match=r"cache.*train-.*rank\*\.safetensors.*delete"):
+        fit(tmp_path, vit_weights[0], epochs=1, images_kw=dict(mean=0.45), label_mode="fixed")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_cache_file_is_an_error_naming_it(tmp_path, vit_weights, damage):
+    fit(tmp_path, vit_weights[0], epochs=1, label_mode="fixed")
+    (path,) = (tmp_path / "cache").glob("train-*-rank0.safetensors")
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        mid = len(data) // 2
+        data[mid : mid + 4] = bytes(b ^ 0xFF for b in data[mid : mid + 4])
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifactError, match=f"{path.name}.*delete"):
+        fit(tmp_path, vit_weights[0], epochs=1, label_mode="fixed")
+
+
+def test_label_store_refuses_labels_of_other_inputs(tmp_path):
+    x = torch.randn(3, 3, 16, 16)
+    store = LabelStore(5, str(tmp_path / "c"))
+    store.put(torch.tensor([0, 1, 2]), torch.ones(3, 4, 2), content_signature(x))
+    store.save()
+    again = LabelStore(5, str(tmp_path / "c"))
+    again.check(torch.tensor([0, 1, 2, 3]), content_signature(torch.cat([x, x[:1]])))  # same images: fine
+    y = x.clone()
+    y[1, 0, 0, 0] += 1 / 255  # one pixel, one grey level
+    with pytest.raises(StaleLabelsError, match=r"c-rank\*\.safetensors.*indices \[1\]"):
+        again.check(torch.tensor([0, 1, 2]), content_signature(y))
+    again.check(torch.tensor([0, 1, 2]), content_signature(x.bfloat16().float()), torch.bfloat16)  # rounding only
+
+
+def test_game_fingerprint_sees_the_baseline(vit_weights):
+    model = vit_weights[1]
+    fingerprints = {game_fingerprint(PatchGame(model, 8, (16, 16), baseline=b)) for b in (0.0, 0.0, 0.5)}
+    assert len(fingerprints) == 2
 
 
 def test_fresh_labels_change_every_epoch(tmp_path, vit_weights):
@@ -141,6 +223,15 @@ def test_test_batches_carry_exact_values(tmp_path, vit_weights):
     torch.testing.assert_close(exact, exact_shapley(model.game, x), atol=1e-6, rtol=1e-5)
     images, again = dm.ground_truth(model.game, "cpu")
     torch.testing.assert_close(again, exact)
+
+
+def test_exact_enumeration_announces_itself_and_shows_progress(tmp_path, vit_weights, capsys, caplog):
+    dm, model, _, trainer = fit(tmp_path, vit_weights[0], epochs=1)
+    with caplog.at_level(logging.INFO):
+        trainer.test(model, dm, verbose=False)
+    assert any("enumerating 2^4 = 16 coalitions per image" in r.getMessage() for r in caplog.records)
+    assert "exact shapley: 2^4 = 16 coalitions per image" in capsys.readouterr().err
+    assert dm._progress is None  # closed at teardown
 
 
 def test_bad_arguments_are_named():

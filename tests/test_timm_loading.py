@@ -50,8 +50,13 @@ def test_resnet_backbone_pools_the_saved_models_feature_map(tmp_path):
     h = model.maxpool(model.act1(model.bn1(model.conv1(x))))
     expected = model.layer2(model.layer1(h))
     torch.testing.assert_close(feats(x), expected.flatten(2).transpose(1, 2))
+    # Frozen in train mode too: the eval-mode output, BatchNorm statistics untouched, the train/eval flags restored.
+    stats = {k: v.clone() for k, v in feats.model.state_dict().items()}
     feats.train()
-    assert not feats.model.training, "a frozen backbone must stay in eval mode"
+    feats(torch.randn(4, 3, 32, 32) * 3 + 1)  # batch statistics far from the running ones
+    assert all(torch.equal(v, feats.model.state_dict()[k]) for k, v in stats.items())
+    torch.testing.assert_close(feats(x), expected.flatten(2).transpose(1, 2))
+    assert all(m.training for m in feats.modules())
 
 
 def test_unknown_model_name_is_rejected():

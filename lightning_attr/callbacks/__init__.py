@@ -2,7 +2,8 @@
 
 from lightning_attr.callbacks.heatmaps import AttributionHeatmaps
 from lightning_attr.callbacks.influence import InfluenceCallback
+from lightning_attr.callbacks.predictions import AttributionWriter
 from lightning_attr.callbacks.tracin import TracIn
 from lightning_attr.callbacks.trak import TRAK
 
-__all__ = ["AttributionHeatmaps", "InfluenceCallback", "TRAK", "TracIn"]
+__all__ = ["AttributionHeatmaps", "AttributionWriter", "InfluenceCallback", "TRAK", "TracIn"]

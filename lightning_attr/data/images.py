@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
@@ -9,12 +11,12 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_attr.data.digits import digits_dataset
 from lightning_attr.data.samplers import UnpaddedDistributedSampler
 
-__all__ = ["ImageDataModule", "IndexedImageDataset", "load_image_dataset"]
+__all__ = ["ImageDataModule", "IndexedImageDataset", "dataset_fingerprint", "load_image_dataset"]
 
 
 def load_image_dataset(name: str, image_size: int = 32):
@@ -84,10 +86,37 @@ class IndexedImageDataset(Dataset):
         arr = arr.unsqueeze(0) if arr.dim() == 2 else arr.permute(2, 0, 1)
         return (arr - self.mean) / self.std
 
+    @property
+    def fingerprint(self) -> str:
+        """Hex SHA-256 of what determines this split's items: the source data set (the ``datasets`` fingerprint, a
+        hash of its content or of its files), the split's rows and labels, and the preprocessing (size, channels,
+        mean, std, columns). Keys on-disk caches of per-example results."""
+        source = getattr(self.data, "_fingerprint", None) or f"{type(self.data).__name__}:{len(self.data)}"
+        settings = dict(source=source, image_size=self.image_size, channels=self.channels, mean=self.mean,
+                        std=self.std, image_column=self.image_column, label_column=self.label_column)
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        digest.update(np.ascontiguousarray(self.indices, dtype=np.int64).tobytes())
+        if self.labels is not None:
+            digest.update(b"labels" + np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        return digest.hexdigest()
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.data[int(self.indices[i])]
         label = int(row[self.label_column]) if self.labels is None else int(self.labels[i])
         return {"image": self.to_tensor(row[self.image_column]), "label": label, "index": i}
+
+
+def dataset_fingerprint(dataset: Dataset) -> str | None:
+    """The ``fingerprint`` of a dataset (e.g. :class:`IndexedImageDataset`), of a ``Subset`` of one (with its
+    indices), or ``None`` when it has none."""
+    if isinstance(dataset, Subset):
+        inner = dataset_fingerprint(dataset.dataset)
+        if inner is None:
+            return None
+        rows = np.asarray(list(dataset.indices), dtype=np.int64).tobytes()
+        return hashlib.sha256(inner.encode() + b"subset" + rows).hexdigest()
+    value = getattr(dataset, "fingerprint", None)
+    return value if isinstance(value, str) else None
 
 
 class ImageDataModule(L.LightningDataModule):

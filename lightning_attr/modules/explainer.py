@@ -154,8 +154,15 @@ class AmortizedExplainer(L.LightningModule):
         self.log_dict(self.test_metrics, batch_size=len(exact))
         self.log("test/efficiency_gap", self.test_efficiency, batch_size=len(exact))
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self(batch["image"] if isinstance(batch, dict) else batch)
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """``{"attributions": (B, d, K), "index": (B,)}`` for a dict batch with ``image`` (and ``index``, the examples'
+        stable positions; left out when the batch has none) or a bare image tensor (B, C, H, W).
+        :class:`~lightning_attr.callbacks.AttributionWriter` saves them."""
+        x = batch["image"] if isinstance(batch, dict) else batch
+        out = {"attributions": self(x)}
+        if isinstance(batch, dict) and "index" in batch:
+            out["index"] = batch["index"]
+        return out
 
     def configure_optimizers(self):
         return adamw_cosine(self, self.head.parameters(), self.hparams.lr, self.hparams.weight_decay,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_attr.frozen import eval_mode
 from lightning_attr.io import atomic_save, atomic_write
 
 __all__ = ["create_timm_model", "PatchFeatures", "save_timm_weights"]
@@ -110,21 +111,18 @@ class PatchFeatures(nn.Module):
         del probe
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.model.eval()
-
-    def train(self, mode: bool = True) -> PatchFeatures:
-        super().train(mode)
-        self.model.eval()  # frozen: BatchNorm statistics and dropout never change
-        return self
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        if self.is_vit:
-            tokens = self.model.forward_features(x)[:, self.num_prefix :]
-            gh, gw = self.model.patch_embed.grid_size
-            fmap = tokens.transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
-        else:
-            fmap = self.model(x)[-1]
+        """Patch features (B, d, D) of images (B, C, H, W), always from the eval-mode backbone (frozen: BatchNorm
+        statistics and dropout never change, whatever the owner's train/eval mode)."""
+        with eval_mode(self.model):
+            if self.is_vit:
+                tokens = self.model.forward_features(x)[:, self.num_prefix :]
+                gh, gw = self.model.patch_embed.grid_size
+                fmap = tokens.transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
+            else:
+                fmap = self.model(x)[-1]
         if tuple(fmap.shape[-2:]) != self.grid:
             fmap = F.adaptive_avg_pool2d(fmap, self.grid)
         return fmap.flatten(2).transpose(1, 2)
