@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_RESNET, TINY_VIT
 
 from lightning_attr.cli import build_cli
+from lightning_attr.io import load_tensors
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CALLBACKS = Path(__file__).resolve().parents[1] / "callbacks"
@@ -53,6 +55,44 @@ def test_two_stage_configs_fit_and_test(tmp_path, classifier, explainer, kwargs)
     assert {"test/mse", "test/pearson", "test/spearman", "test/sign_agreement"} <= set(metrics)
     heatmaps = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "AttributionHeatmaps"]
     assert heatmaps and os.path.isfile(heatmaps[0].paths[-1])
+    # `predict` with the config's AttributionWriter saves the explainer's attributions of the 3 test images.
+    best = cli.trainer.checkpoint_callback.best_model_path
+    pred = build_cli(["predict", *common, *FAST, "--ckpt_path", best])
+    runs = sorted((tmp_path / "e" / "lightning_attr_runs").iterdir())
+    tensors, _ = load_tensors(str(runs[-1] / "predictions.safetensors"))
+    test = pred.datamodule.datamodule.splits["test"]
+    x = torch.stack([test[i]["image"] for i in range(3)])
+    assert tensors["index"].tolist() == [0, 1, 2]
+    torch.testing.assert_close(tensors["attributions"], pred.model.eval()(x))
+
+
+def test_every_run_keeps_its_own_config(tmp_path):
+    """Without a logger, two fits in one root save two configs (each run's own folder), not one overwritten file."""
+    for seed in (1, 2):
+        build_cli(["fit", "--config", str(CONFIGS / "digits_classifier_resnet.yaml"), *FAST, *small_data("init_args."),
+                   "--model.init_args.image_size", "16", "--model.init_args.model_kwargs", json.dumps(TINY_RESNET),
+                   "--model.init_args.export_path", str(tmp_path / "w.safetensors"), "--seed_everything", str(seed),
+                   "--trainer.default_root_dir", str(tmp_path)])
+    configs = sorted(tmp_path.glob("lightning_attr_runs/version_*/config.yaml"))
+    assert [c.parent.name for c in configs] == ["version_0", "version_1"]
+    assert [yaml.safe_load(c.read_text())["seed_everything"] for c in configs] == [1, 2]
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_package_callbacks_have_short_names():
+    """`--trainer.callbacks+=TracIn` and `--trainer.callbacks.help TracIn` work like Lightning's own short names, in a
+    fresh process where nothing but the console script imported the package."""
+    script = (
+        "from lightning_attr.cli import build_cli, main\n"
+        f"cli = build_cli(['--config', {str(CONFIGS / 'digits_classifier_resnet.yaml')!r},"
+        " '--trainer.callbacks+=TracIn', '--trainer.callbacks+=AttributionWriter'], run=False)\n"
+        "print('built', sorted(type(cb).__name__ for cb in cli.trainer.callbacks))\n"
+        "main(['fit', '--trainer.callbacks.help', 'TracIn'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'AttributionWriter'" in out.stdout and "'TracIn'" in out.stdout
+    assert "--trainer.callbacks.every_n_epochs" in out.stdout
 
 
 def test_lime_config_parses_and_builds(tmp_path):
@@ -76,11 +116,13 @@ def test_noisy_label_config_with_the_tracin_and_trak_specs(tmp_path):
                      "--trainer.default_root_dir", str(tmp_path)])
     assert float(cli.datamodule.noisy_mask.float().mean()) == pytest.approx(0.1, abs=0.01)
     found = {cb.prefix: cb for cb in cli.trainer.callbacks if hasattr(cb, "self_influence")}
-    assert set(found) == {"tracin", "tracin_last_layer", "trak"}
+    assert set(found) == {"tracin", "tracin_last_layer", "tracin_in_step", "trak"}
     for prefix, cb in found.items():
         assert cb.self_influence.shape == (len(cli.datamodule.splits["train"]),)
         assert 0 <= cb.metrics[f"{prefix}/noisy_label_auc"] <= 1
-    assert (tmp_path / "tracin" / "checkpoints.json").is_file()
+    # without a logger the results go to a fresh per-run folder (issue 8), never straight into default_root_dir
+    assert found["tracin"].directory == str(tmp_path / "lightning_attr_runs" / "version_0" / "tracin")
+    assert (Path(found["tracin"].directory) / "checkpoints.json").is_file()
 
 
 def test_tracin_spec_parses():
@@ -88,7 +130,7 @@ def test_tracin_spec_parses():
                      "--trainer.callbacks+=" + str(CALLBACKS / "tracin.yaml"), "--trainer.callbacks.last_layer=true"],
                     run=False)
     tracin = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "TracIn"]
-    assert len(tracin) == 1 and tracin[0].featurizer_kwargs["last_layer"]
+    assert len(tracin) == 1 and tracin[0].gradients["last_layer"]
 
 
 def test_ggda_config_runs(tmp_path):

@@ -22,10 +22,13 @@ def test_grouped_tracin_equals_the_sum_of_member_scores(tmp_path, kw):
     expected = groups.one_hot() @ single.scores(query)
     torch.testing.assert_close(grouped.group_scores(query), expected, rtol=1e-4, atol=1e-6)
     assert grouped.group_self_influence.shape == (5,)
-    with pytest.raises(RuntimeError, match="group_scores"):
-        grouped.scores(query)
-    with pytest.raises(RuntimeError, match="group_self_influence"):
-        grouped.self_influence
+    # groups are rows: scores / self_influence answer per group, by the mean gradient unless normalize="sum"
+    sizes = groups.sizes.float()
+    torch.testing.assert_close(grouped.scores(query), expected / sizes.unsqueeze(1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grouped.scores(query, normalize="sum"), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grouped.self_influence, grouped.group_self_influence / sizes**2)
+    top = grouped.topk(query, k=2, normalize="sum")
+    torch.testing.assert_close(top.proponents.indices, expected.T.topk(2).indices)
 
 
 def test_grouped_trak_rows_are_group_gradients(tmp_path):

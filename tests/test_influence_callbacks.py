@@ -125,7 +125,7 @@ def test_two_ddp_processes_equal_one(tmp_path, cls):
         kw = dict(strategy="ddp_fork") if devices == 2 else {}
         fit(tmp_path, Tiny(frozen=True), [cls(dirpath=str(folder), proj_dim=24, num_queries=0)], devices=devices,
             **kw)
-        results.append({f.name: load_file(str(f)) for f in sorted(folder.glob(f"{cls.method}-*.safetensors"))}
+        results.append({f.name: load_file(str(f)) for f in sorted(folder.glob(f"{cls.method_class.name}-*.safetensors"))}
                        | {"summary": load_file(str(folder / "summary.safetensors"))})
     assert sorted(results[0]) == sorted(results[1]) and len(results[0]) == 3
     for name, tensors_1 in results[0].items():
@@ -208,7 +208,7 @@ def test_pass_at_fit_end_only_and_without_the_input_cache(tmp_path):
     uncached = TracIn(dirpath=str(tmp_path / "b"), every_n_epochs=1, cache_inputs_mb=0, num_queries=0, proj_dim=None)
     fit(tmp_path, Tiny(shuffle=False), [cached, uncached])
     assert [r["step"] for r in cached.records] == [8] and len(uncached.records) == 2
-    assert cached._input_cache and not uncached._input_cache
+    assert cached.runner.cache and not uncached.runner.cache
     last = load_file(str(tmp_path / "b" / "tracin-001.safetensors"))["self_influence"]
     torch.testing.assert_close(cached.self_influence, last)  # same weights, same rates: the same pass
 

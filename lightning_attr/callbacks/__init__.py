@@ -1,9 +1,10 @@
 """Lightning callbacks of lightning-attr (drop-in YAML specs live in the top-level ``callbacks/`` folder)."""
 
 from lightning_attr.callbacks.heatmaps import AttributionHeatmaps
+from lightning_attr.callbacks.in_step import InStepTracIn
 from lightning_attr.callbacks.influence import InfluenceCallback
 from lightning_attr.callbacks.predictions import AttributionWriter
 from lightning_attr.callbacks.tracin import TracIn
 from lightning_attr.callbacks.trak import TRAK
 
-__all__ = ["AttributionHeatmaps", "AttributionWriter", "InfluenceCallback", "TRAK", "TracIn"]
+__all__ = ["AttributionHeatmaps", "AttributionWriter", "InStepTracIn", "InfluenceCallback", "TRAK", "TracIn"]

@@ -12,6 +12,7 @@ import contextlib
 from typing import Iterator, Sequence, Union
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_attr.influence.grads import (
@@ -57,7 +58,8 @@ class GradientFeaturizer:
         module: the (unwrapped) model; ``module(x)`` must return outputs (B, K).
         parameters: ``fnmatch`` name patterns of the parameters to differentiate (default: all trainable).
         module_types: restrict to parameters of these module types (``["Linear", "Conv2d"]``).
-        last_layer: differentiate only the classifier layer (timm ``get_classifier()`` or the last ``nn.Linear``).
+        last_layer: differentiate only the classifier layer: ``True`` (timm ``get_classifier()`` or the last registered
+            ``nn.Linear``; see ``parameters.last_linear`` to find it from the forward graph) or the layer's name.
         output: ``"cross_entropy"`` (TracIn), ``"margin"`` (TRAK), ``"mse"`` or a callable ``(out, y) -> (B,)``.
         proj_dim: projection size k; None or 0 keeps exact gradients (k = number of selected parameters).
         projection: ``"sketch"`` (count sketch of the flat per-example gradient: the accuracy of a dense
@@ -77,7 +79,7 @@ class GradientFeaturizer:
         module: nn.Module,
         parameters: Sequence[str] | None = None,
         module_types: Sequence[str] | None = None,
-        last_layer: bool = False,
+        last_layer: bool | str = False,
         output: Union[str, OutputFn] = "cross_entropy",
         proj_dim: int | None = None,
         projection: str = "auto",
@@ -94,8 +96,9 @@ class GradientFeaturizer:
             raise ValueError(f"`proj_dim` must be None, 0 (off) or a positive size, got {proj_dim}.")
         if last_layer:
             if parameters is not None:
-                raise ValueError("`last_layer=True` selects the classifier's parameters; do not pass `parameters` too.")
-            parameters = [f"{last_linear(module)}.*"]
+                raise ValueError("`last_layer` selects the classifier's parameters; do not pass `parameters` too.")
+            parameters = [f"{last_layer if isinstance(last_layer, str) else last_linear(module)}.*"]
+        self.last_layer = bool(last_layer)
         self.module, self.output_fn = module, get_output_fn(output)
         self.params = select_parameters(module, parameters, module_types)
         self.layers = plan_layers(module, self.params) if route != "func" else None
@@ -107,10 +110,20 @@ class GradientFeaturizer:
             raise ValueError("`projection='kronecker'` needs the layer route (Linear / Conv2d / norm layers only).")
         self.num_params = num_params = sum(p.numel() for p in self.params.values())
         if self.proj_dim and self.proj_dim >= num_params:  # projecting up only adds noise: keep exact gradients
+            rank_zero_warn(f"`proj_dim`={self.proj_dim} >= the {num_params} selected parameters: the projection is "
+                           "off and features are the exact gradients.")
             self.proj_dim = None
         if projection == "auto":
             big = num_params * 64 * 4 > max_memory_mb * 2**20
             projection = "kronecker" if big and self.layers is not None else "sketch"
+            if projection == "kronecker" and self.proj_dim:
+                rank_zero_warn(f"`projection='auto'` picked 'kronecker' (LoGra): 64 per-example gradients of the "
+                               f"{num_params} selected parameters exceed `max_memory_mb`={max_memory_mb}. It is fast but "
+                               "noisier than 'sketch' at the same `proj_dim`; raise `max_memory_mb` to keep 'sketch'.")
+        elif projection == "dense" and self.proj_dim and num_params * self.proj_dim * 4 > max_memory_mb * 2**20:
+            rank_zero_warn(f"the dense {num_params} x {self.proj_dim} projection exceeds `max_memory_mb`="
+                           f"{max_memory_mb}: it is regenerated block by block for every batch (slow); raise "
+                           "`max_memory_mb` or use projection='sketch'.")
         self.projection = projection
         self.proj_type, self.seed, self.max_memory_mb = proj_type, seed, max_memory_mb
         self.scales: dict[str, float] = {}
@@ -156,11 +169,14 @@ class GradientFeaturizer:
                 grads = func_grads(self.module, self.params, x, y, self.output_fn)[0] if bounds is None else \
                     func_group_grads(self.module, self.params, x, y, self.output_fn, bounds)
             return {n: g * self._scale(n) for n, g in grads.items()}
-        out: dict[str, Tensor] = {}
         with self._taps(x, y):
-            for layer in self.layers:
-                for n, g in self._layer_grads(layer, x.shape[0], bounds).items():
-                    out[n] = out[n] + g if n in out else g
+            return self._grads_of_taps(x.shape[0], bounds)
+
+    def _grads_of_taps(self, b: int, bounds: Tensor | None = None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for layer in self.layers:
+            for n, g in self._layer_grads(layer, b, bounds).items():
+                out[n] = out[n] + g if n in out else g
         return {n: out[n] for n in self.params}
 
     def _factors(self, layer: Layer) -> list[tuple[Tensor, Tensor]]:
@@ -200,10 +216,14 @@ class GradientFeaturizer:
         if not self.layers or len(self.layers) != 1 or not isinstance(self.layers[0].module, nn.Linear):
             raise ValueError("factored gradients need exactly one selected Linear layer (use `last_layer=True`).")
         with self._taps(x, y):
-            (a, g), *rest = self._factors(self.layers[0])
-            if rest or a.shape[1] != 1:
-                raise ValueError(f"layer {self.layers[0].name!r} sees several positions or calls per example; "
-                                 "factored gradients need one (B, I) input per example.")
+            return self.factors_of_taps()
+
+    def factors_of_taps(self) -> tuple[Tensor, Tensor]:
+        """``factors`` from the inputs / output gradients the selected layer recorded (``Layer.calls``)."""
+        (a, g), *rest = self._factors(self.layers[0])
+        if rest or a.shape[1] != 1:
+            raise ValueError(f"layer {self.layers[0].name!r} sees several positions or calls per example; "
+                             "factored gradients need one (B, I) input per example.")
         return _check_finite(a[:, 0].float(), "layer inputs"), _check_finite(g[:, 0].float(), "output gradients")
 
     def sq_norms(self, x: Tensor, y: Tensor) -> Tensor:
@@ -211,18 +231,21 @@ class GradientFeaturizer:
         ``sum_st (a_s.a_t)(g_s.g_t)`` when that is cheaper than forming ``O x I`` per example."""
         if self.layers is None:
             return self.flat_grads(x, y).pow(2).sum(1)
-        total = x.new_zeros(x.shape[0], dtype=torch.float32)
         with self._taps(x, y):
-            for layer in self.layers:
-                facs = self._factors(layer) if layer.factored else []
-                s = sum(a.shape[1] for a, _ in facs) if facs else 0
-                if facs and s * (layer.in_dim + layer.out_dim) <= layer.in_dim * layer.out_dim:
-                    a = torch.cat([f[0] for f in facs], 1).float()
-                    g = torch.cat([f[1] for f in facs], 1).float()
-                    total += ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
-                else:
-                    total += sum(t.flatten(1).float().pow(2).sum(1)
-                                 for t in self._layer_grads(layer, x.shape[0]).values())
+            return self.sq_norms_of_taps(x.shape[0])
+
+    def sq_norms_of_taps(self, b: int) -> Tensor:
+        """``sq_norms`` (b,) from the inputs / output gradients the selected layers recorded (``Layer.calls``)."""
+        total = torch.zeros(b, dtype=torch.float32, device=next(iter(self.params.values())).device)
+        for layer in self.layers:
+            facs = self._factors(layer) if layer.factored else []
+            s = sum(a.shape[1] for a, _ in facs) if facs else 0
+            if facs and s * (layer.in_dim + layer.out_dim) <= layer.in_dim * layer.out_dim:
+                a = torch.cat([f[0] for f in facs], 1).float()
+                g = torch.cat([f[1] for f in facs], 1).float()
+                total += ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
+            else:
+                total += sum(t.flatten(1).float().pow(2).sum(1) for t in self._layer_grads(layer, b).values())
         return _check_finite(total.unsqueeze(1), "gradient norms")[:, 0]
 
     # ------------------------------------------------------------------------------------------------- projection
@@ -273,20 +296,32 @@ class GradientFeaturizer:
         plan = self._build_plan(tuple(key))
         if self.projection in ("dense", "sketch"):
             return _check_finite(plan["flat"]["proj"](self.flat_grads(x, y, bounds)), "projected gradients")
-        rows = x.shape[0] if bounds is None else len(bounds) - 1
-        parts, rest = [], []
         with self._taps(x, y):
-            for layer in self.layers:
-                if not layer.factored:
-                    rest += [t.flatten(1).float() for t in self._layer_grads(layer, x.shape[0], bounds).values()]
-                    continue
-                proj = plan[layer.name]["proj"]
-                if not layer.calls:
-                    parts.append(x.new_zeros(rows, plan[layer.name]["dim"], dtype=torch.float32))
-                elif proj is None:
-                    parts.append(sum(contract(a, g, bounds) for a, g in self._factors(layer)).flatten(1).float())
-                else:
-                    parts.append(sum(self._kronecker(layer, proj, a, g, bounds) for a, g in layer.calls))
+            return self._kronecker_of_taps(x.shape[0], plan, bounds)
+
+    def features_of_taps(self, b: int, key: tuple[int, ...] = (0,)) -> Tensor:
+        """``__call__`` per example (b, k) from the inputs / output gradients the selected layers recorded
+        (``Layer.calls``, e.g. during a training step), without a forward or backward of its own (layer route)."""
+        if not self.proj_dim or self.projection in ("dense", "sketch"):
+            flat = torch.cat([g.reshape(b, -1).float() for g in self._grads_of_taps(b).values()], 1)
+            flat = _check_finite(flat, "gradients")
+            return flat if not self.proj_dim else self._build_plan(tuple(key))["flat"]["proj"](flat)
+        return self._kronecker_of_taps(b, self._build_plan(tuple(key)), None)
+
+    def _kronecker_of_taps(self, b: int, plan: dict, bounds: Tensor | None) -> Tensor:
+        rows = b if bounds is None else len(bounds) - 1
+        parts, rest = [], []
+        for layer in self.layers:
+            if not layer.factored:
+                rest += [t.flatten(1).float() for t in self._layer_grads(layer, b, bounds).values()]
+                continue
+            proj = plan[layer.name]["proj"]
+            if not layer.calls:
+                parts.append(torch.zeros(rows, plan[layer.name]["dim"], device=layer.module.weight.device))
+            elif proj is None:
+                parts.append(sum(contract(a, g, bounds) for a, g in self._factors(layer)).flatten(1).float())
+            else:
+                parts.append(sum(self._kronecker(layer, proj, a, g, bounds) for a, g in layer.calls))
         if rest:
             flat = torch.cat(rest, 1)
             proj = plan["rest"]["proj"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 __all__ = ["Grouping", "GROUPERS", "resolve_num_groups", "random_groups", "class_groups", "kmeans",
@@ -32,6 +33,15 @@ class Grouping:
             raise ValueError(f"group ids must be >= 0, got {int(a.min())}.")
         _, a = torch.unique(a, return_inverse=True)  # dense ids 0..G-1 in order of first id
         self.assignment = a
+
+    @classmethod
+    def identity(cls, n: int) -> "Grouping":
+        """Every example its own group: the rows of a per-example run."""
+        return cls(torch.arange(n), "example")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.method == "example"
 
     @property
     def num_groups(self) -> int:
@@ -202,4 +212,10 @@ def make_grouping(method: str, n: int, num_groups: int | None = None, group_size
     if features is None:
         raise ValueError(f"`group_by`={method!r} needs features (embeddings or last-layer gradients).")
     per_class = labels if method == "gradient_kmeans" else None
-    return kmeans_groups(features, num_groups, group_size, seed, per_class, method)
+    grouping = kmeans_groups(features, num_groups, group_size, seed, per_class, method)
+    target, sizes = n / grouping.num_groups, grouping.sizes
+    if int(sizes.max()) > 4 * target or int(sizes.min()) < target / 4:
+        rank_zero_warn(f"`group_by`={method!r}: k-means made groups of {int(sizes.min())} to {int(sizes.max())} examples "
+                       f"(target {target:.0f}); k-means balances sizes only on average. Use 'class' or 'random' "
+                       "groups for even sizes.")
+    return grouping

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["OutputFn", "cross_entropy", "margin", "get_output_fn", "OUTPUTS"]
+__all__ = ["OutputFn", "cross_entropy", "margin", "get_output_fn", "OUTPUTS", "check_logits"]
 
 OutputFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -41,3 +41,14 @@ def get_output_fn(output: Union[str, OutputFn]) -> OutputFn:
     if output not in OUTPUTS:
         raise ValueError(f"`loss` / `output`={output!r} is not one of {sorted(OUTPUTS)} or a callable.")
     return OUTPUTS[output]
+
+
+def check_logits(out: object, batch_size: int, owner: str) -> None:
+    """Raise unless ``out`` (what ``owner``'s forward returned) is class logits (batch_size, K): data attribution
+    differentiates a per-example loss or margin of them."""
+    if isinstance(out, Tensor) and out.dim() == 2 and out.shape[0] == batch_size and out.is_floating_point():
+        return
+    what = (f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor)
+            else f"a {type(out).__name__}" + (f" of {len(out)} items" if isinstance(out, (tuple, list, dict)) else ""))
+    raise ValueError(f"data attribution needs {owner}(x) to return class logits of shape (B, K) = ({batch_size}, K); it "
+                     f"returned {what}. Attribute a classifier, or wrap the module so that forward returns its logits.")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import fnmatch
 from typing import Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 __all__ = ["select_parameters", "last_linear", "resolve_module_types"]
 
@@ -62,16 +63,49 @@ def select_parameters(
     return chosen
 
 
-def last_linear(module: nn.Module) -> str:
-    """Name of the classifier layer: timm's ``get_classifier()`` when it is a Linear, else the last ``nn.Linear``."""
+def last_linear(module: nn.Module, example: Tensor | None = None) -> str:
+    """Name of the classifier layer.
+
+    With an ``example`` input (B, ...): the last ``nn.Linear`` called in ``module(example)`` whose output the module's
+    output depends on (read from the forward graph, so an unused or auxiliary Linear registered after the classifier is
+    never picked). Without: timm's ``get_classifier()`` when it is a Linear, else the last registered ``nn.Linear``.
+    """
     named = dict(module.named_modules())
-    for name, m in named.items():
+    linears = [n for n, m in named.items() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"`last_layer=True` needs an nn.Linear output layer; {type(module).__name__} has none.")
+    if example is not None:
+        return _last_called_linear(module, linears, example)
+    for m in named.values():
         get = getattr(m, "get_classifier", None)
         if callable(get):
             head = get()
             if isinstance(head, nn.Linear):
                 return next(n for n, mm in named.items() if mm is head)
-    linears = [n for n, m in named.items() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"`last_layer=True` needs an nn.Linear output layer; {type(module).__name__} has none.")
     return linears[-1]
+
+
+def _last_called_linear(module: nn.Module, linears: list[str], example: Tensor) -> str:
+    named = dict(module.named_modules())
+    calls: list[tuple[str, Tensor]] = []
+    handles = [named[n].register_forward_hook(lambda m, i, o, n=n: calls.append((n, o))) for n in linears]
+    flags = {p: p.requires_grad for n in linears for p in named[n].parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out = module(example)
+        if not isinstance(out, Tensor):
+            raise ValueError(f"{type(module).__name__}(x) returned {type(out).__name__}, not a logits tensor (B, K).")
+        used = [(n, o) for n, o in calls if o.requires_grad]
+        grads = torch.autograd.grad(out.float().sum(), [o for _, o in used], allow_unused=True) if used else ()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    feeding = [n for (n, _), g in zip(used, grads) if g is not None]
+    if not feeding:
+        raise ValueError(f"the output of {type(module).__name__} depends on none of its nn.Linear layers {linears[:5]}; "
+                         "`last_layer=True` needs a Linear classifier layer (or pass `parameters=`).")
+    return feeding[-1]

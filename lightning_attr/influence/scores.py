@@ -1,28 +1,27 @@
-"""TracIn-CP and TRAK from per-checkpoint gradient features.
+"""Primitives the attribution methods share: gradient inner products, TRAK's damped kernel, TRAK's ``Q``.
 
 Features of one checkpoint are either flat ``(n, k)`` or factored ``(a (n, I), g (n, O))`` (exact last layer, whose
-per-example gradient is ``g a^T``, so ``<G_i, G'_j> = (a_i . a'_j)(g_i . g'_j)``).
-
-- TracIn-CP: ``score(z, z') = sum_c eta_c <grad l_c(z), grad l_c(z')>``; self-influence ``sum_c eta_c ||grad l_c(z)||^2``.
-- TRAK: per checkpoint ``X_c`` (n, k) = projected margin gradients; ``K_c = X_c (X_c^T X_c + lambda I)^-1`` with
-  ``X^T X`` accumulated in fp32; ``scores = mean_c(K_c Phi_c^T) * mean_c(Q_c)``, ``Q = 1 - p_y`` per train row.
+per-example gradient is ``g a^T``, so ``<G_i, G'_j> = (a_i . a'_j)(g_i . g'_j)``). A flat row may also be a whole
+``O x I`` gradient flattened row-major (a group's last-layer gradient), which pairs with factored queries.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["Features", "inner", "self_inner", "tracin_scores", "tracin_self_influence", "xtx", "damped_inverse",
-           "trak_kernel", "trak_scores", "trak_self_influence", "out_to_loss"]
+__all__ = ["Features", "inner", "self_inner", "xtx", "damped_inverse", "trak_kernel", "out_to_loss"]
 
 Features = Union[Tensor, tuple[Tensor, Tensor]]
 
 
 def inner(train: Features, query: Features) -> Tensor:
     """Gradient inner products (n, m) between two feature sets of one checkpoint."""
+    if isinstance(train, Tensor) and not isinstance(query, Tensor):  # flat O x I rows against factored queries
+        a, g = query
+        return train.float() @ torch.einsum("mo,mi->moi", g.float(), a.float()).flatten(1).T
     if isinstance(train, Tensor):
         return train.float() @ query.float().T
     (a, g), (a2, g2) = train, query
@@ -35,20 +34,6 @@ def self_inner(feats: Features) -> Tensor:
         return feats.float().pow(2).sum(1)
     a, g = feats
     return a.float().pow(2).sum(1) * g.float().pow(2).sum(1)
-
-
-def tracin_scores(train: Sequence[Features], query: Sequence[Features], lrs: Sequence[float] | None = None) -> Tensor:
-    """TracIn-CP scores (n_train, n_query): ``sum_c lr_c <train_c, query_c>`` (``lrs`` None: already folded in)."""
-    lrs = [1.0] * len(train) if lrs is None else lrs
-    if not (len(train) == len(query) == len(lrs)):
-        raise ValueError(f"need one feature set per checkpoint: {len(train)} train, {len(query)} query, {len(lrs)} lrs.")
-    return sum(lr * inner(t, q) for t, q, lr in zip(train, query, lrs))
-
-
-def tracin_self_influence(train: Sequence[Features], lrs: Sequence[float] | None = None) -> Tensor:
-    """TracIn-CP self-influence (n,): ``sum_c lr_c ||grad l_c(z)||^2``."""
-    lrs = [1.0] * len(train) if lrs is None else lrs
-    return sum(lr * self_inner(t) for t, lr in zip(train, lrs))
 
 
 def xtx(x: Tensor, block: int = 8192) -> Tensor:
@@ -84,17 +69,3 @@ def trak_kernel(x: Tensor, inverse: Tensor, block: int = 8192) -> Tensor:
 def out_to_loss(logits: Tensor, y: Tensor) -> Tensor:
     """TRAK's ``Q = 1 - p_y`` (B,) from logits (B, K) and labels (B,)."""
     return 1.0 - logits.float().softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-
-
-def trak_scores(kernels: Sequence[Tensor], queries: Sequence[Tensor], q: Sequence[Tensor]) -> Tensor:
-    """TRAK scores (n_train, n_query) = ``mean_c(K_c Phi_c^T) * mean_c(Q_c)[:, None]``."""
-    if not (len(kernels) == len(queries) == len(q)) or not kernels:
-        raise ValueError(f"need one kernel, query and Q per checkpoint: {len(kernels)}, {len(queries)}, {len(q)}.")
-    s = sum(k.float() @ phi.float().T for k, phi in zip(kernels, queries)) / len(kernels)
-    return s * (sum(qc.float() for qc in q) / len(q)).unsqueeze(1)
-
-
-def trak_self_influence(kernels: Sequence[Tensor], xs: Sequence[Tensor], q: Sequence[Tensor]) -> Tensor:
-    """TRAK self-influence (n,): ``mean_c(x_c^T (X_c^T X_c + lambda I)^-1 x_c) * mean_c(Q_c)``."""
-    s = sum((k.float() * x.float()).sum(1) for k, x in zip(kernels, xs)) / len(kernels)
-    return s * sum(qc.float() for qc in q) / len(q)

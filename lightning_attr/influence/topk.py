@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
-import torch
 from torch import Tensor
+import torch
 
-__all__ = ["topk_blockwise"]
+__all__ = ["Ranked", "TopK", "topk_blockwise"]
 
 
-def topk_blockwise(block_scores: Callable[[int, int], Tensor], n_train: int, k: int, block: int = 4096
-                   ) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{"proponents": (values, indices), "opponents": (values, indices)}``, each (n_query, k).
+class Ranked(NamedTuple):
+    """``values`` and ``indices`` (rows: training examples, or groups), each (n_query, k), best first."""
 
-    ``block_scores(start, stop)`` returns the scores (stop - start, n_query) of train rows ``start:stop``.
-    Proponents are the k highest scores per query (descending), opponents the k lowest (ascending).
-    """
+    values: Tensor
+    indices: Tensor
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The ``proponents`` (highest scores, descending) and ``opponents`` (lowest, ascending) of every query."""
+
+    proponents: Ranked
+    opponents: Ranked
+
+    def __getitem__(self, name: str) -> Ranked:
+        """``top["proponents"]``: dict-style access to the two fields."""
+        if name not in ("proponents", "opponents"):
+            raise KeyError(f"{name!r}: a TopK holds 'proponents' and 'opponents'.")
+        return getattr(self, name)
+
+
+def topk_blockwise(block_scores: Callable[[int, int], Tensor], n_train: int, k: int, block: int = 4096) -> TopK:
+    """The top-k rows per query from ``block_scores(start, stop)``, the scores (stop - start, n_query) of rows
+    ``start:stop``, one block at a time."""
     if k < 1:
         raise ValueError(f"`k` must be >= 1, got {k}.")
     k = min(k, n_train)
@@ -29,4 +47,4 @@ def topk_blockwise(block_scores: Callable[[int, int], Tensor], n_train: int, k: 
                                                                torch.cat([best[name][1], idx], 1))
             top = vals.topk(min(k, vals.shape[1]), dim=1, largest=largest, sorted=True)
             best[name] = (top.values, ids.gather(1, top.indices))
-    return best  # type: ignore[return-value]
+    return TopK(Ranked(*best["proponents"]), Ranked(*best["opponents"]))

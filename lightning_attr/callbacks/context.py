@@ -1,0 +1,102 @@
+"""What the attribution callbacks read from a running Trainer: the training set, datamodule attributes, learning
+rates, the collectives of its strategy, and the schedule of passes (at most one per optimizer step)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_attr.influence.runner import AttributionData
+
+__all__ = ["StrategyComm", "PassSchedule", "datamodule_attr", "split", "train_data", "param_rates", "selected_rates"]
+
+
+class StrategyComm:
+    """The engine's collectives (:class:`~lightning_attr.influence.runner.Comm`) over a Trainer's strategy."""
+
+    def __init__(self, trainer: L.Trainer) -> None:
+        self.strategy, self.world_size, self.rank = trainer.strategy, trainer.world_size, trainer.global_rank
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        return self.strategy.reduce(t, reduce_op="sum") if self.world_size > 1 else t
+
+    def all_gather(self, t: Tensor) -> Tensor:
+        return self.strategy.all_gather(t) if self.world_size > 1 else t.unsqueeze(0)
+
+    def broadcast(self, obj: Any) -> Any:
+        return self.strategy.broadcast(obj) if self.world_size > 1 else obj
+
+
+class PassSchedule:
+    """When passes run: every ``every_n_epochs`` epochs and / or ``every_n_steps`` optimizer steps, and / or at the end
+    of fit; never before the first optimizer step and never twice for one step (``last_step``), whatever the
+    triggers, gradient accumulation or epoch boundaries."""
+
+    def __init__(self, every_n_epochs: int | None, every_n_steps: int | None, at_fit_end: bool) -> None:
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be None or >= 1, got {value}.")
+        if not every_n_epochs and not every_n_steps and not at_fit_end:
+            raise ValueError("no attribution pass would run: set `every_n_epochs`, `every_n_steps` or `at_fit_end`.")
+        self.every_n_epochs, self.every_n_steps, self.at_fit_end = every_n_epochs, every_n_steps, at_fit_end
+        self.last_step = 0
+
+    def after_batch(self, step: int) -> bool:
+        return bool(self.every_n_steps) and step > self.last_step and step % self.every_n_steps == 0
+
+    def after_epoch(self, epoch: int, step: int) -> bool:
+        return bool(self.every_n_epochs) and step > self.last_step and (epoch + 1) % self.every_n_epochs == 0
+
+    def at_end(self, step: int) -> bool:
+        return self.at_fit_end and step > self.last_step
+
+
+def datamodule_attr(dm: Any, name: str) -> tuple[Any, Any]:
+    """``(value, owner)`` of attribute ``name`` on ``dm`` or on the datamodule it wraps (``dm.datamodule``, as an
+    ``OracleDataModule`` does); ``(None, None)`` when neither has it."""
+    for source in (dm, getattr(dm, "datamodule", None)):
+        if source is not None and getattr(source, name, None) is not None:
+            return getattr(source, name), source
+    return None, None
+
+
+def split(dm: Any, name: str) -> tuple[Dataset | None, Any]:
+    """``(dataset, owner)`` of split ``name`` in a datamodule's ``splits`` dict (see ``datamodule_attr``)."""
+    for source in (dm, getattr(dm, "datamodule", None)):
+        splits = getattr(source, "splits", None)
+        if isinstance(splits, dict) and name in splits:
+            return splits[name], source
+    return None, None
+
+
+def train_data(trainer: L.Trainer, batch_size: int | None = None) -> AttributionData:
+    """The fit's training data, unshuffled: the datamodule's ``splits["train"]`` (``ImageDataModule``, or one wrapping
+    it as ``.datamodule``), else the dataset (with collate_fn and workers) behind ``trainer.train_dataloader``."""
+    data, source = split(trainer.datamodule, "train")
+    if data is not None:
+        return AttributionData(data, batch_size or getattr(source, "batch_size", None) or 64)
+    loader = trainer.train_dataloader
+    if isinstance(loader, DataLoader):
+        return AttributionData(loader.dataset, batch_size or loader.batch_size or 64, loader.collate_fn,
+                               loader.num_workers)
+    raise ValueError("cannot find the training set for the attribution pass (train_dataloader is "
+                     f"{type(loader).__name__}); pass `attribution_data=` (a Dataset or an unshuffled DataLoader).")
+
+
+def param_rates(trainer: L.Trainer, module: torch.nn.Module) -> dict[str, float]:
+    """Learning rate of every named parameter that is in an optimizer param group, read now."""
+    by_id = {id(p): g["lr"] for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    return {n: float(by_id[id(p)]) for n, p in module.named_parameters() if id(p) in by_id}
+
+
+def selected_rates(rates: dict[str, float], names: list[str]) -> dict[str, float]:
+    """``rates`` of the parameters ``names``; raises naming those in no optimizer param group."""
+    missing = [n for n in names if n not in rates]
+    if missing:
+        raise ValueError(f"parameters {missing[:5]} are in no optimizer param group, so TracIn has no learning rate "
+                         "for them; exclude them with `parameters=` / `module_types=`.")
+    return {n: rates[n] for n in names}
