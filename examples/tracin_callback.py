@@ -4,6 +4,7 @@
 
 A plain LightningModule on scikit-learn digits with tuple batches; 10% of the training labels are flipped. The
 dataset is wrapped in ``IndexedDataset`` so batches carry a stable example index, which is all the callbacks need.
+Results go to the run's own folder (``{out}/lightning_logs/version_N/{prefix}``); ``TRAK.load`` reads them back.
 """
 
 from __future__ import annotations
@@ -52,17 +53,20 @@ def main(out: str, epochs: int) -> None:
     L.seed_everything(0)
     data, flipped = noisy_digits()
     train = IndexedDataset(data)                                          # 1. batches carry their example index
-    tracin = TracIn(last_layer=True, noisy_labels=flipped, dirpath=f"{out}/tracin")  # 2. the callbacks
-    trak = TRAK(proj_dim=512, noisy_labels=flipped, query_data=train, dirpath=f"{out}/trak")
-    trainer = L.Trainer(max_epochs=epochs, callbacks=[tracin, trak], default_root_dir=out)  # 3. your Trainer
+    tracin = TracIn(last_layer=True, noisy_labels=flipped)               # 2. the callbacks: a pass every epoch,
+    in_step = TracIn(in_step=True, last_layer=True, noisy_labels=flipped)  # from the training steps themselves,
+    trak = TRAK(proj_dim=512, noisy_labels=flipped, query_data=train)    # and TRAK
+    trainer = L.Trainer(max_epochs=epochs, callbacks=[tracin, in_step, trak], default_root_dir=out)  # 3. your Trainer
     trainer.fit(DigitsCNN(), DataLoader(train, batch_size=64, shuffle=True))
 
-    print({k: round(v, 4) for k, v in {**tracin.metrics, **trak.metrics}.items()})
+    print({k: round(v, 4) for k, v in {**tracin.metrics, **in_step.metrics, **trak.metrics}.items()})
     top = tracin.self_influence.topk(10).indices
     print("10 most self-influential training examples:", top.tolist(),
           f"({int(torch.isin(top, flipped).sum())} of them have flipped labels)")
     scores = trak.scores(torch.utils.data.Subset(data, range(5)))       # (n_train, 5) TRAK scores for 5 queries
     print("TRAK scores", tuple(scores.shape), "- results stored under", trak.directory)
+    again = TRAK.load(trak.directory, DigitsCNN())                       # any later process: the same answers
+    print("reloaded from disk:", bool(torch.allclose(again.scores(torch.utils.data.Subset(data, range(5))), scores)))
 
 
 if __name__ == "__main__":

@@ -181,7 +181,8 @@ def attribution_stage(out: str, epochs: int | None = None) -> dict:
     cli = build_cli(args)
     found = [cb for cb in cli.trainer.callbacks if hasattr(cb, "prefix") and hasattr(cb, "records")]
     rows = [{"callback": cb.prefix, "auc": cb.metrics[f"{cb.prefix}/noisy_label_auc"],
-             "recall_at_10pct": cb.metrics[f"{cb.prefix}/noisy_recall_at_10pct"], "checkpoints": len(cb.records),
+             "recall_at_10pct": cb.metrics[f"{cb.prefix}/noisy_recall_at_10pct"],
+             "checkpoints": len(cb.records) or "every step",
              "results": cb.directory} for cb in found]
     return {"rows": rows, "seconds": time.perf_counter() - t0,
             "val_acc": float(cli.trainer.callback_metrics.get("val/acc", float("nan")))}

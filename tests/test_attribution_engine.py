@@ -237,3 +237,28 @@ def test_ddp_results_are_scored_from_disk_by_another_process(tmp_path):
     fit(tmp_path, Tiny(frozen=True), [single])
     loaded = TracIn.load(str(folder), Tiny())
     torch.testing.assert_close(loaded.scores(QUERY), single.scores(QUERY), rtol=1e-5, atol=1e-6)
+
+
+def test_trak_load_state_dict_restores_what_state_dict_saves(tmp_path):
+    cb = TRAK(num_queries=0, proj_dim=16, damping=0.1)
+    fit(tmp_path, Tiny(), [cb], epochs=1)
+    other = TRAK(num_queries=0, proj_dim=16, damping=0.5)
+    fit(tmp_path / "o", Tiny(), [other], epochs=1)
+    other.load_state_dict(cb.state_dict())
+    assert other.method.damping == 0.1 and other.attribution.method.damping == 0.1
+    assert other.records == cb.records and other.attribution.run_id == cb.attribution.run_id
+    torch.testing.assert_close(other.self_influence, cb.self_influence)
+
+
+def test_silent_fallbacks_warn(tmp_path):
+    with pytest.warns(UserWarning, match="projection is off"):
+        GradientFeaturizer(Tiny(), proj_dim=10_000)
+    with pytest.warns(UserWarning, match="picked 'kronecker'"):
+        GradientFeaturizer(Tiny(), proj_dim=8, max_memory_mb=0.001)
+    with pytest.warns(UserWarning, match="regenerated block by block"):
+        GradientFeaturizer(Tiny(), proj_dim=300, projection="dense", max_memory_mb=0.001)
+    from lightning_attr.influence import make_grouping
+
+    clustered = torch.cat([torch.zeros(40, 2), torch.ones(2, 2)]) + 1e-3 * torch.randn(42, 2)
+    with pytest.warns(UserWarning, match="k-means made groups of"):
+        make_grouping("embedding_kmeans", 42, group_size=21, features=clustered)

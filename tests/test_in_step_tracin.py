@@ -165,3 +165,12 @@ def test_in_step_refuses_what_it_cannot_do(tmp_path):
         TracIn(in_step=True, loss_reduction="none")
     with pytest.raises(ValueError, match="Linear / Conv2d"):  # all trainable parameters include the LayerNorm's
         fit(tmp_path, WithNorm(), [TracIn(in_step=True, num_queries=0)], epochs=1)
+
+
+def test_in_step_under_bf16_mixed_precision_is_close_to_the_float32_loop(tmp_path):
+    """Autocast runs the Linear layers in bf16, so taps are bf16: ~3 significant digits."""
+    cb = TracIn(in_step=True, module_types=["Linear"], proj_dim=None, num_queries=0)
+    rec = StepRecorder()
+    fit(tmp_path, MLP(), [rec, cb], precision="bf16-mixed")
+    self_ref, _ = brute_force(rec, QUERY, [n for n, _ in MLP().named_parameters()])
+    torch.testing.assert_close(cb.self_influence.double(), self_ref, rtol=5e-2, atol=1e-3)

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from lightning_attr.callbacks.context import StrategyComm, param_rates, selected_rates
 from lightning_attr.callbacks.tracin import TracIn
@@ -57,6 +58,7 @@ class InStepTracIn(TracIn):
         self._contribs: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self._step: dict[str, Any] | None = None  # set at the first micro-batch of an optimizer step
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not pl_module.automatic_optimization:
             raise ValueError("TracIn(in_step=True) reads Lightning's automatic optimization (loss scaling by gradient "
@@ -70,6 +72,7 @@ class InStepTracIn(TracIn):
         self.taps.attach()
         att.summary.setdefault("self", torch.zeros(att.n_train, dtype=torch.float64))
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any) -> None:
         att = self.attribution
         if self._step is None:  # first micro-batch of an optimizer step: the weights before it
@@ -90,6 +93,7 @@ class InStepTracIn(TracIn):
             qx, qy, _ = to_module(queries, pl_module)
             return self.method.query_features(self.attribution.featurizer, qx, qy, (0,))
 
+    @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.taps is None or not self.taps.armed:
             return
@@ -101,6 +105,7 @@ class InStepTracIn(TracIn):
             self._contribs.append((self._index.to(sq.device), sq, block))
         self.taps.clear()
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self.taps.armed = False
         if self._step is None or trainer.global_step == self._step["global_step"]:
@@ -123,10 +128,12 @@ class InStepTracIn(TracIn):
             att.tracked = torch.zeros(att.n_train, m, dtype=torch.float64) if att.tracked is None else att.tracked
             att.tracked.index_add_(0, idx, block.double())
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.schedule.every_n_epochs and (trainer.current_epoch + 1) % self.schedule.every_n_epochs == 0:
             self._publish(trainer)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.taps.detach()
         self._publish(trainer)
@@ -137,6 +144,7 @@ class InStepTracIn(TracIn):
             self.metrics = self.reporter.report(trainer, self.attribution, self.prefix,
                                                 f"step{trainer.global_step:06d}", self._data(trainer).dataset)
 
+    @override
     def scores(self, query: DataLoader | Dataset | None = None, *args: Any, **kwargs: Any) -> Tensor:
         """Scores (n_train, m) of the queries tracked during training (``query`` must be None)."""
         if query is not None:
@@ -144,6 +152,7 @@ class InStepTracIn(TracIn):
                              "(`query_data` / `num_queries`); call scores() without a query, or use TracIn() passes.")
         return self._results().tracked_scores()
 
+    @override
     def topk(self, query: DataLoader | Dataset | None = None, k: int = 10, *args: Any, **kwargs: Any) -> TopK:
         scores = self.scores(query)
         return topk_blockwise(lambda a, b: scores[a:b], scores.shape[0], k)

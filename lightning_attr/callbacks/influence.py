@@ -18,13 +18,14 @@ from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+from typing_extensions import override
 
 from lightning_attr.callbacks.context import PassSchedule, StrategyComm, param_rates, selected_rates, train_data
 from lightning_attr.callbacks.reporting import Reporter
 from lightning_attr.callbacks.variants import VariantCallback
 from lightning_attr.influence.attribution import Attribution, Normalize
-from lightning_attr.influence.groups import Grouping
 from lightning_attr.influence.grouping_pass import GroupSpec
+from lightning_attr.influence.groups import Grouping
 from lightning_attr.influence.isolation import isolated
 from lightning_attr.influence.method import AttributionMethod
 from lightning_attr.influence.runner import AttributionData, PassRunner, to_module
@@ -75,6 +76,7 @@ class InfluenceCallback(VariantCallback):
         return self.method_class()
 
     @property
+    @override
     def state_key(self) -> str:
         """The prefix and the settings that define the results, not ``dirpath``: a resume into another folder still
         finds its state."""
@@ -84,6 +86,7 @@ class InfluenceCallback(VariantCallback):
         return self._generate_state_key(prefix=self.prefix, settings=digest)
 
     # ------------------------------------------------------------------------------------------------------- set-up
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -114,18 +117,22 @@ class InfluenceCallback(VariantCallback):
         return train_data(trainer, self.batch_size)
 
     # ----------------------------------------------------------------------------------------------------- triggers
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.method.uses_lr:  # the rates of the step about to run (epoch-interval schedulers step before epoch end)
             self._rates = param_rates(trainer, pl_module)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.schedule.after_batch(trainer.global_step):
             self.run_pass(trainer, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.schedule.after_epoch(trainer.current_epoch, trainer.global_step):
             self.run_pass(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.schedule.at_end(trainer.global_step):
             self.run_pass(trainer, pl_module)
@@ -221,10 +228,12 @@ class InfluenceCallback(VariantCallback):
         return self._results().self_influence("mean")
 
     # -------------------------------------------------------------------------------------------------------- state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return dict(attribution=self.attribution.state_dict() if self.attribution else None,
                     method=self.method.name, method_config=self.method.config())
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.method = type(self.method)(**state_dict["method_config"])
         if self.attribution is None:  # not set up yet: applied in setup

@@ -78,8 +78,9 @@ class Reporter:
         """Log the metrics of ``attribution`` now (rank zero) and write ``topk-{name}.json``; returns the metrics.
         ``dataset``: the training set, for images in the W&B table (None for groups)."""
         s = attribution.self_influence()
-        metrics = {f"{prefix}/self_influence_mean": float(s.mean()), f"{prefix}/self_influence_max": float(s.max()),
-                   f"{prefix}/checkpoints": float(attribution.num_checkpoints)}
+        metrics = {f"{prefix}/self_influence_mean": float(s.mean()), f"{prefix}/self_influence_max": float(s.max())}
+        if attribution.num_checkpoints:  # in-step TracIn has none
+            metrics[f"{prefix}/checkpoints"] = float(attribution.num_checkpoints)
         noisy = self.noisy(trainer, attribution.n_train)
         if noisy is not None:
             found = noisy_label_metrics(s, attribution.grouping, noisy)

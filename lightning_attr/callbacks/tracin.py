@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from typing_extensions import override
+
 from lightning_attr.callbacks.influence import InfluenceCallback
 from lightning_attr.influence.tracin import TracInMethod
 
@@ -66,6 +68,7 @@ class TracIn(InfluenceCallback):
     method_class = TracInMethod
 
     @classmethod
+    @override
     def variant(cls, in_step: bool = False, **kwargs: Any) -> type[InfluenceCallback]:
         if in_step and cls is TracIn:
             from lightning_attr.callbacks.in_step import InStepTracIn

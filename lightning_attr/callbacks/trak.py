@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from typing_extensions import override
+
 from lightning_attr.callbacks.influence import InfluenceCallback
 from lightning_attr.influence.method import AttributionMethod
 from lightning_attr.influence.trak import TRAKMethod
@@ -27,5 +29,6 @@ class TRAK(InfluenceCallback):
         self.damping = damping
         super().__init__(*args, **kwargs)
 
+    @override
     def make_method(self) -> AttributionMethod:
         return TRAKMethod(self.damping)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 __all__ = ["Ranked", "TopK", "topk_blockwise"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_attr.influence.features import GradientFeaturizer
 from lightning_attr.influence.grads import contract
@@ -29,6 +30,7 @@ class TracInMethod(AttributionMethod):
     output = "cross_entropy"
     uses_lr = True
 
+    @override
     def featurize(self, featurizer: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...],
                   bounds: Tensor | None = None) -> dict[str, Tensor]:
         if not featurizer.last_layer:
@@ -38,22 +40,28 @@ class TracInMethod(AttributionMethod):
             return {"a": a, "g": g}
         return {"features": contract(a.unsqueeze(1), g.unsqueeze(1), bounds).flatten(1)}
 
+    @override
     def query_features(self, featurizer: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...]) -> Features:
         return featurizer.factors(x, y) if featurizer.last_layer else featurizer(x, y, key)
 
+    @override
     def finish(self, rows: dict[str, Tensor], sizes: Tensor | None) -> dict[str, Tensor]:
         return {**rows, "self_influence": self_inner(self.train_side(rows))}
 
+    @override
     def train_side(self, stored: dict[str, Tensor]) -> Features:
         return stored["features"] if "features" in stored else (stored["a"], stored["g"])
 
+    @override
     def summary_terms(self, stored: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"self": stored["self_influence"]}
 
+    @override
     def combine(self, total: Tensor, summary: dict[str, Tensor], num_checkpoints: int, rows: slice = slice(None)
                 ) -> Tensor:
         return total
 
+    @override
     def self_influence(self, summary: dict[str, Tensor], num_checkpoints: int) -> Tensor:
         return summary["self"]
 

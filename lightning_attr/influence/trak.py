@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_attr.influence.features import GradientFeaturizer
 from lightning_attr.influence.grads import segment_sum
@@ -36,9 +37,11 @@ class TRAKMethod(AttributionMethod):
             raise ValueError(f"`damping` must be >= 0, got {damping}.")
         self.damping = damping
 
+    @override
     def config(self) -> dict[str, Any]:
         return {"damping": self.damping}
 
+    @override
     def featurize(self, featurizer: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...],
                   bounds: Tensor | None = None) -> dict[str, Tensor]:
         feats = featurizer(x, y, key, bounds)
@@ -46,22 +49,27 @@ class TRAKMethod(AttributionMethod):
             q = segment_sum(out_to_loss(featurizer.module(x), y), bounds)
         return {"x": feats, "q": q}
 
+    @override
     def finish(self, rows: dict[str, Tensor], sizes: Tensor | None) -> dict[str, Tensor]:
         x = rows["x"]
         weighted = x if sizes is None else x / sizes.to(x).sqrt().unsqueeze(1)
         return {"x": x, "kernel": trak_kernel(x, damped_inverse(xtx(weighted), self.damping)), "q": rows["q"].float()}
 
+    @override
     def train_side(self, stored: dict[str, Tensor]) -> Features:
         return stored["kernel"]
 
+    @override
     def summary_terms(self, stored: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"leverage": (stored["kernel"].float() * stored["x"].float()).sum(1), "q": stored["q"].float()}
 
+    @override
     def combine(self, total: Tensor, summary: dict[str, Tensor], num_checkpoints: int, rows: slice = slice(None)
                 ) -> Tensor:
         c = max(num_checkpoints, 1)
         return total / c * (summary["q"][rows] / c).unsqueeze(1).to(total.device)
 
+    @override
     def self_influence(self, summary: dict[str, Tensor], num_checkpoints: int) -> Tensor:
         c = max(num_checkpoints, 1)
         return summary["leverage"] / c * summary["q"] / c
