@@ -32,11 +32,12 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from common import NUM_CLASSES, ROOT, Timed, best_of, load_now, progress, run_rounds, write_json
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
@@ -46,11 +47,10 @@ from lightning_attr.estimators import get_estimator
 from lightning_attr.evaluation import amortized_row, equal_error_budget, per_example_curve
 from lightning_attr.io import atomic_write
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits_shapley_vit.yaml"
 MODEL_NAME = "vit_tiny_patch16_224"
 MODEL_KWARGS: dict[str, Any] = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0)
-NUM_CLASSES, IMAGE_SIZE, PATCH_SIZE = 10, 32, 8
+IMAGE_SIZE, PATCH_SIZE = 32, 8
 OURS = ("permutation_shapley", "unbiased_kernel_shap", "kernel_shap", "banzhaf")
 CURVE_METHODS = ("permutation_shapley", "unbiased_kernel_shap")
 TARGET_VS_CAPTUM, TARGET_VS_FORWARD = 1.5, 0.8
@@ -100,7 +100,7 @@ class CountingModule(nn.Module):
 
 
 @dataclass
-class Job:
+class Job(Timed):
     """One timed workload: ``run()`` explains (or just evaluates) ``images`` images through ``counter``.
 
     ``evaluations`` (optional) reads an evaluation counter (ours: the game's ``num_evaluations``); otherwise the
@@ -114,7 +114,6 @@ class Job:
     ppe: int | None = None
     batch_size: int | None = None
     evaluations: Callable[[], int] | None = None
-    seconds: list[float] = field(default_factory=list)
     evals: int = 0
     model_seconds: float = 0.0
     model_calls: int = 0
@@ -135,10 +134,10 @@ class Job:
 
     def row(self) -> dict:
         """Summary of the fastest run (the least disturbed by other load on the machine)."""
-        best = min(self.seconds)
+        best = self.best
         row = {"method": self.method, "ppe": self.ppe, "batch_size": self.batch_size, "images": self.images,
                "evaluations": self.evals, "evals_per_image": self.evals / self.images, "seconds": best,
-               "median_seconds": statistics.median(self.seconds), "runs": len(self.seconds),
+               "median_seconds": self.median, "runs": len(self.seconds),
                "evals_per_s": self.evals / best, "model_fraction": self.model_seconds / best,
                "model_calls": self.model_calls, "counted_rows": self.counter.rows}
         if isinstance(self.result, Tensor):  # (N, K', d) attributions, K' = 1 or K classes
@@ -154,25 +153,10 @@ def time_rounds(jobs: Sequence[Job], rounds: int) -> None:
     """
     for job in jobs:
         job.run()
-    for r in range(max(1, rounds)):
-        for job in jobs:
-            job.time_once()
-        log(f"round {r + 1}/{rounds} of {len(jobs)} jobs done")
+    run_rounds(jobs, rounds, log)
 
 
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    """Progress line on stderr (elapsed seconds since start, load average)."""
-    print(f"[bench {time.perf_counter() - _START:6.0f}s load {os.getloadavg()[0]:.1f}] {message}", file=sys.stderr,
-          flush=True)
-
-
-def load_now() -> str:
-    """``uptime``-style load averages (1, 5, 15 min) on this machine."""
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f}, {five:.2f}, {fifteen:.2f} (cores: {os.cpu_count()})"
+log = progress("bench")
 
 
 # --------------------------------------------------------------------------------------------------- model and data
@@ -364,11 +348,7 @@ def overhead_rows(x: Tensor, names: Sequence[str], budget: int, chunk_sizes: Seq
         for name in names:
             est = get_estimator(name)
             est(game, x, budget)
-            times = []
-            for _ in range(max(3, repeats)):
-                start = time.perf_counter()
-                est(game, x, budget, generator=torch.Generator().manual_seed(0))
-                times.append(time.perf_counter() - start)
+            times = best_of(lambda: est(game, x, budget, generator=torch.Generator().manual_seed(0)), max(3, repeats))
             rows.append({"method": name, "chunk_size": chunk, "seconds": min(times)})
     return rows
 
@@ -380,7 +360,7 @@ def throughput_part(s: Settings, weights: str | None, profile_all: bool) -> dict
     x = test_images(s.num_images)
     with torch.no_grad():
         pred = model(x).argmax(-1)
-    load_before = load_now()
+    load_before = load_now(cores=True)
     t0 = time.perf_counter()
     sweep_rows, best_ppe = sweep_captum(model, x, pred, s)
 
@@ -401,7 +381,7 @@ def throughput_part(s: Settings, weights: str | None, profile_all: bool) -> dict
     overhead = overhead_rows(x, ["permutation_shapley", "kernel_shap"], s.budget,
                              sorted({default_chunk, *s.forward_batch_sizes}, reverse=True), s.repeats)
     seconds = time.perf_counter() - t0
-    load_after = load_now()
+    load_after = load_now(cores=True)
 
     method_rows = []
     for j in jobs:
@@ -616,7 +596,8 @@ def error_part(s: Settings, demo_out: str, oracle_rate: float | None, part1: dic
         "amortized_fixed_compute_evals": fixed, "amortized_fixed_compute_to_best_evals": fixed_to_best,
         "amortized_inference_evals_per_example": infer_per_example,
         "amortized": amortized, "curve": curve, "summary": summary, "budget_fidelity": fidelity,
-        "demo_test_metrics": demo.get("test_metrics"), "seconds": time.perf_counter() - t0, "load": load_now(),
+        "demo_test_metrics": demo.get("test_metrics"), "seconds": time.perf_counter() - t0,
+        "load": load_now(cores=True),
     }
 
 
@@ -627,14 +608,13 @@ def _break_even(fixed: float, per_example_method: float, per_example_amortized: 
 
 
 def oracle_rate_now(game: PatchGame, x: Tensor, budget: int = 512) -> float:
-    """Evaluations per second of ``permutation_shapley`` on ``x`` (when part 1 did not run): best of 3."""
+    """Evaluations per second of ``permutation_shapley`` on ``x`` (when part 1 did not run): best of 3 after a
+    warm-up."""
     est = get_estimator("permutation_shapley")
-    best = math.inf
-    for _ in range(4):
-        before, start = game.num_evaluations, time.perf_counter()
-        est(game, x[:32], budget, generator=torch.Generator().manual_seed(0))
-        best = min(best, time.perf_counter() - start)
-    return (game.num_evaluations - before) / best
+    before = game.num_evaluations
+    est(game, x[:32], budget, generator=torch.Generator().manual_seed(0))
+    evals = game.num_evaluations - before
+    return evals / min(best_of(lambda: est(game, x[:32], budget, generator=torch.Generator().manual_seed(0)), 3))
 
 
 def explainer_epochs(ckpt: str) -> tuple[int, int]:
@@ -823,18 +803,6 @@ def plot_error_vs_compute(e: dict, path: str) -> str:
     return path
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items() if k not in ("pred_attr", "x", "pred")}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    return obj
-
-
 # --------------------------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -858,7 +826,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(a.threads)
     start = time.perf_counter()
     results: dict[str, Any] = {"settings": asdict(s), "quick": a.quick, "demo_out": demo_out,
-                               "torch": torch.__version__, "platform": platform.platform(), "load_start": load_now()}
+                               "torch": torch.__version__, "platform": platform.platform(),
+                               "load_start": load_now(cores=True)}
     if "error" in parts:  # train the demo first, so the throughput part explains the trained classifier
         log(f"demo artifacts: {demo_out}")
         demo_start = time.perf_counter()
@@ -885,9 +854,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         report.append(error_tables(p2))
         print("\n" + report[-1], flush=True)
     results["total_seconds"] = time.perf_counter() - start
-    results["load_end"] = load_now()
-    json_path = os.path.join(a.out, "amortization.json")
-    atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(_jsonable(results), indent=2, default=float)))
+    results["load_end"] = load_now(cores=True)
+    json_path = write_json(os.path.join(a.out, "amortization.json"), results, drop=("pred_attr", "x", "pred"))
     print(f"\nTotal {results['total_seconds']:.0f} s; load at end {results['load_end']}. Wrote {json_path}"
           + (f" and {results['plot']}" if "plot" in results else ""))
     return results

@@ -3,8 +3,10 @@ per-example attribution, side by side in one run, CPU only.
 
 A group's attribution features are those of its *summed* loss (TracIn) or margin (TRAK): ``GradientFeaturizer``
 called with segment ``bounds`` computes them from one batched forward / backward, contracting each layer's inputs and
-output gradients over the group's rows, so per-example gradients are never formed (``lightning_attr.callbacks.TracIn /
-TRAK(group_by=...)`` do exactly this through ``group_batches`` and ``segments``, which this benchmark calls directly).
+output gradients over the group's rows, so per-example gradients are never formed. Every pass here runs through the
+engine the callbacks (``lightning_attr.callbacks.TracIn / TRAK(group_by=...)``) run: ``PassRunner`` over the split as
+``AttributionData`` (whole groups per batch via ``group_batches``, their ``segments``), and the gradient_kmeans
+groupings from its grouping pre-pass (``grouper_rows``, ``GroupSpec``).
 
 1. **Speed of one attribution pass over the whole train split** (1,437 digits; forward, backward, gradients,
    projection and accumulation all included; the one-time projection set-up, i.e. drawing the count-sketch hashes,
@@ -37,7 +39,7 @@ TRAK(group_by=...)`` do exactly this through ``group_batches`` and ``segments``,
 3. ``speedup_vs_fidelity.png`` (one point per grouping) and markdown tables.
 
     python benchmarks/ggda.py --out artifacts/bench/ggda            # full run (~4-5 min on 2 idle cores)
-    python benchmarks/ggda.py --out artifacts/bench/ggda --quick    # smoke run (~30 s)
+    python benchmarks/ggda.py --out artifacts/bench/ggda --quick    # smoke run (~30 s; --smoke is the same)
 
 Timings need the cores to themselves: another CPU-heavy process on the 2 cores slowed the grouped resnet18 pass
 by more than 10x in one trial (wrap runs in ``flock /tmp/bench.lock`` when several benchmarks share a machine).
@@ -48,11 +50,9 @@ Writes ``{out}/results.json``, ``{out}/results.md`` and ``{out}/speedup_vs_fidel
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -62,19 +62,28 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import (
+    NUM_CLASSES,
+    Checkpoint,
+    CNNTraining,
+    DigitsData,
+    best_of,
+    load_cnn,
+    max_rel_err,
+    num_params,
+    predict,
+    progress,
+    timed,
+    train_cnn,
+    write_json,
+    write_text,
+)
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lightning_attr import ImageDataModule, create_timm_model  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from influence import DigitsCNN, max_rel_err, num_params  # noqa: E402  (the same small digits CNN)
-from lightning_attr.callbacks.grouped import group_batches, grouping_inputs, segments  # noqa: E402
-from lightning_attr.evaluation import lds, noisy_label_recall, prune_groups, random_subsets, recall_at  # noqa: E402
-from lightning_attr.influence import (  # noqa: E402
+from lightning_attr import create_timm_model
+from lightning_attr.evaluation import lds, noisy_label_recall, prune_groups, random_subsets, recall_at
+from lightning_attr.influence import (
     GradientFeaturizer,
     damped_inverse,
     margin,
@@ -84,19 +93,22 @@ from lightning_attr.influence import (  # noqa: E402
     trak_scores,
     xtx,
 )
-from lightning_attr.influence.groups import Grouping, make_grouping  # noqa: E402
-from lightning_attr.io import atomic_write  # noqa: E402
-from lightning_attr.metrics.noisy_label import noisy_label_auc  # noqa: E402
+from lightning_attr.influence.batching import group_batches
+from lightning_attr.influence.grouping_pass import GroupSpec, grouper_rows
+from lightning_attr.influence.groups import Grouping
+from lightning_attr.influence.parameters import last_linear
+from lightning_attr.influence.runner import AttributionData, LocalComm, PassRunner, RowFn
+from lightning_attr.metrics.noisy_label import noisy_label_auc
 
-NUM_CLASSES = 10
 TARGETS = dict(resnet_speedup_32=10.0, lds_ratio=0.8, tracin_additive_max_rel_err=1e-4, prune_vs_random=2.0)
+log = progress("ggda")
 
 
 @dataclass
-class Settings:
-    """Sizes of one run (``--quick`` picks the small ones)."""
+class Settings(CNNTraining):
+    """Sizes of one run (``--quick`` picks the small ones); the CNN's training (SGD, 6 epochs, checkpoint every 2) in
+    ``CNNTraining``."""
 
-    image_size: int = 32
     proj_dim: int = 2048
     damping: float = 1e-3  # TRAK, relative: lambda = damping * mean(diag(X^T X))
     group_sizes: tuple[int, ...] = (8, 32, 128)  # gradient_kmeans target sizes; plus random groups of 32
@@ -108,12 +120,6 @@ class Settings:
     cnn_example_batch: int = 64
     group_batch: int = 128  # grouped passes pack whole groups into batches of at most this many examples
     timing_repeats: int = 2  # each timed pass runs this many times in a row; the fastest counts
-    # training (fidelity and noisy labels)
-    epochs: int = 6
-    checkpoint_every: int = 2
-    lr: float = 0.1
-    lr_decay: float = 0.5
-    batch_size: int = 64
     # LDS
     lds_subsets: int = 32
     lds_targets: int = 96
@@ -132,147 +138,66 @@ class Settings:
                    lds_targets=16, retrain_epochs=1, retrain_seeds=1, trak_dampings=(1e-3, 1e-1), random_prune_seeds=3)
 
 
-# ----------------------------------------------------------------------------------------------------------- utils
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    """Progress line on stderr (elapsed seconds, 1-minute load average)."""
-    print(f"[ggda {time.perf_counter() - _START:6.0f}s load {os.getloadavg()[0]:.1f}] {message}", file=sys.stderr,
-          flush=True)
-
-
-# ---------------------------------------------------------------------------------------------- model and data
-@dataclass
-class Data:
-    """Digits splits as tensors; ``noisy`` flags the flipped train labels (all False without label noise)."""
-
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    noisy: Tensor
-
-    @classmethod
-    def load(cls, image_size: int, channels: int = 1, label_noise: float = 0.0) -> Data:
-        dm = ImageDataModule("digits", image_size=image_size, channels=channels, label_noise=label_noise)
-        dm.setup()
-
-        def stack(split: str) -> tuple[Tensor, Tensor]:
-            ds = dm.splits[split]
-            items = [ds[i] for i in range(len(ds))]
-            assert [int(it["index"]) for it in items] == list(range(len(ds)))
-            return torch.stack([it["image"] for it in items]), torch.tensor([int(it["label"]) for it in items])
-
-        return cls(*stack("train"), *stack("val"), dm.noisy_mask.clone())
-
-    def truncated(self, n: int | None) -> Data:
-        if n is None:
-            return self
-        return Data(self.x_train[:n], self.y_train[:n], self.x_val, self.y_val, self.noisy[:n])
-
-
-@dataclass
-class Checkpoint:
-    epoch: int
-    lr: float
-    state: dict[str, Tensor]
-    train_acc: float
-    val_acc: float
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: Tensor, bs: int = 512) -> Tensor:
-    model.eval()
-    return torch.cat([model(x[i : i + bs]) for i in range(0, x.shape[0], bs)])
-
-
-def train_cnn(x: Tensor, y: Tensor, s: Settings, epochs: int, seed: int = 0, checkpoints: bool = False,
-              val: tuple[Tensor, Tensor] | None = None) -> tuple[DigitsCNN, list[Checkpoint]]:
-    """Plain torch SGD (momentum 0.9), lr ``lr * lr_decay**(epoch // checkpoint_every)``, seeded init and order;
-    with ``checkpoints``, the state dict and the lr of the epochs just finished every ``checkpoint_every`` epochs."""
-    torch.manual_seed(seed)
-    model = DigitsCNN(s.image_size, x.shape[1])
-    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    ckpts = []
-    for epoch in range(epochs):
-        lr = s.lr * s.lr_decay ** (epoch // s.checkpoint_every)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        model.train()
-        order = torch.randperm(x.shape[0], generator=gen)
-        for i in range(0, order.numel(), s.batch_size):
-            idx = order[i : i + s.batch_size]
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-        if checkpoints and (epoch + 1) % s.checkpoint_every == 0:
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            tr = float(predict(model, x).argmax(1).eq(y).float().mean())
-            va = float(predict(model, val[0]).argmax(1).eq(val[1]).float().mean()) if val else float("nan")
-            ckpts.append(Checkpoint(epoch, lr, state, tr, va))
-            log(f"checkpoint epoch {epoch}: lr {lr:g}, train acc {tr:.3f}, val acc {va:.3f}")
-    return model.eval(), ckpts
-
-
-def load_cnn(s: Settings, ck: Checkpoint, channels: int = 1) -> DigitsCNN:
-    model = DigitsCNN(s.image_size, channels)
-    model.load_state_dict(ck.state)
-    return model.eval()
-
-
 # --------------------------------------------------------------------------------------------- attribution passes
-def example_pass(feat: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...], bs: int,
-                 limit: int | None = None) -> Tensor:
-    """Per-example features (n, k) of the first ``limit`` (default all) examples, batch after batch."""
-    n = x.shape[0] if limit is None else min(limit, x.shape[0])
-    return torch.cat([feat(x[i : min(n, i + bs)], y[i : min(n, i + bs)], key).detach() for i in range(0, n, bs)])
+class Split:
+    """Examples ``(x, y)`` as the engine's attribution data (items ``(x, y, index)``), read by its ``PassRunner``: the
+    pass the callbacks run, one row per example (identity grouping) or per group (a group's members are consecutive in
+    a batch, ``group_batches``, and contracted in one backward; partial sums of a group split over batches add up).
+    The runner keeps each pass's input batches in memory, as the callbacks do between passes, so the timed passes
+    read them from memory, like the tensor slices of the per-example passes."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x, y
+        self.runner = PassRunner(cache_inputs_mb=2048)
+        self._heads: dict[int, Split] = {}
+
+    def head(self, m: int) -> Split:
+        """The first ``m`` examples (a split of their own)."""
+        if m >= len(self.x):
+            return self
+        return self._heads.setdefault(m, Split(self.x[:m], self.y[:m]))
+
+    def data(self, bs: int) -> AttributionData:
+        return AttributionData(TensorDataset(self.x, self.y, torch.arange(len(self.x))), bs)
+
+    def rows(self, row_fn: RowFn, module: nn.Module, grouping: Grouping | None, bs: int, name: str
+             ) -> dict[str, Tensor]:
+        """``row_fn``'s rows summed per group (per example without ``grouping``); ``name`` keys the batch cache."""
+        grouping = grouping or Grouping.identity(len(self.x))
+        return self.runner.run(self.data(bs), grouping, row_fn, module, LocalComm(), name=name)
+
+    def features(self, feat: GradientFeaturizer, key: tuple[int, ...], bs: int, grouping: Grouping | None = None,
+                 name: str = "examples") -> Tensor:
+        """Gradient features (n, k) per example, or (num_groups, k) of each group's summed output."""
+        return self.rows(lambda x, y, bounds, _: {"f": feat(x, y, key, bounds)}, feat.module, grouping, bs,
+                         f"{name}-{bs}")["f"]
+
+    def preload(self, bs: int, grouping: Grouping | None = None, name: str = "examples") -> None:
+        """Read a pass's input batches into the runner's cache (untimed), as an earlier pass would."""
+        grouping = grouping or Grouping.identity(len(self.x))
+        for _ in self.runner.batches(self.data(bs), group_batches(grouping.assignment, bs), f"{name}-{bs}"):
+            pass
 
 
-def grouped_pass(feat: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...], grouping: Grouping,
-                 bs: int) -> Tensor:
-    """Group features (n_groups, k): batches hold whole groups (``group_batches``), each batch's runs of one group are
-    segments (``segments``) whose summed-output gradient features the featurizer returns; partial sums of groups
-    split over batches are added (exactly what the callbacks' grouped pass does on one process)."""
-    assignment = grouping.assignment
-    out: Tensor | None = None
-    for idx in group_batches(assignment, bs):
-        idx = torch.tensor(idx)
-        bounds, rows = segments(assignment[idx])
-        v = feat(x[idx], y[idx], key, bounds).detach()
-        if out is None:
-            out = v.new_zeros(grouping.num_groups, v.shape[1])
-        out.index_add_(0, rows, v)
-    return out
+def grouping_inputs(split: Split, model: nn.Module, bs: int = 128) -> dict[str, Tensor]:
+    """The engine's grouping pre-pass for ``gradient_kmeans`` (``grouper_rows``): labels and the classifier layer's
+    per-example loss gradients (n, O*I'), the layer found from the forward graph."""
+    head = last_linear(model, split.x[:1])
+    return split.rows(grouper_rows(GroupSpec("gradient_kmeans", group_size=1), model, head), model, None, bs,
+                      "grouping")
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start
-
-
-def last_layer_grouping_inputs(model: nn.Module, x: Tensor, y: Tensor, bs: int = 128) -> tuple[Tensor, Tensor]:
-    """The package's ``grouping_inputs("gradient_kmeans")``: classifier-layer loss gradients (n, O*I') and labels."""
-    loader = DataLoader(TensorDataset(x, y, torch.arange(x.shape[0])), batch_size=bs, shuffle=False)
-    idx, parts = grouping_inputs("gradient_kmeans", model, loader, lambda b: tuple(b), None, torch.device("cpu"))
-    order = torch.argsort(idx)
-    return parts["features"][order], parts["labels"][order]
-
-
-def make_groupings(s: Settings, model: nn.Module, x: Tensor, y: Tensor) -> tuple[dict[str, Grouping], dict]:
+def make_groupings(s: Settings, model: nn.Module, split: Split) -> tuple[dict[str, Grouping], dict]:
     """The benchmark's groupings (``gk8``, ``gk32``, ``gk128``: gradient_kmeans within class; ``rand32``) and the
     seconds each took (the gradient feature pass is shared by the k-means groupings and reported once)."""
-    n = x.shape[0]
-    (feats, labels), t_feats = timed(lambda: last_layer_grouping_inputs(model, x, y))
+    n = len(split.x)
+    inputs, t_feats = timed(lambda: grouping_inputs(split, model))
     groupings, seconds = {}, {"gradient_features": t_feats}
     for size in s.group_sizes:
-        g, t = timed(lambda: make_grouping("gradient_kmeans", n, group_size=size, seed=0, labels=labels,
-                                           features=feats))
-        groupings[f"gk{size}"], seconds[f"gk{size}"] = g, t
-    g, t = timed(lambda: make_grouping("random", n, group_size=s.random_size, seed=0))
-    groupings[f"rand{s.random_size}"], seconds[f"rand{s.random_size}"] = g, t
+        spec = GroupSpec("gradient_kmeans", group_size=size, seed=0)
+        groupings[f"gk{size}"], seconds[f"gk{size}"] = timed(lambda: spec.make(n, inputs))
+    spec = GroupSpec("random", group_size=s.random_size, seed=0)
+    groupings[f"rand{s.random_size}"], seconds[f"rand{s.random_size}"] = timed(lambda: spec.make(n, {}))
     return groupings, seconds
 
 
@@ -283,12 +208,14 @@ def grouping_info(g: Grouping) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------------- 1. speed
-def run_speed(s: Settings, model: nn.Module, x: Tensor, y: Tensor, groupings: dict[str, Grouping],
+def run_speed(s: Settings, model: nn.Module, split: Split, groupings: dict[str, Grouping],
               grouping_seconds: dict, example_bs: int, subset: int | None, kronecker: bool = True,
               plain: bool = False) -> dict:
     """Each configuration's pass ``timing_repeats`` times (fastest kept; all in ``runs_s``) after a one-batch warm-up
-    of each featurizer (the sketch hashes are drawn in the warm-up, reported as ``sketch_setup_s``). ``subset``: the
-    per-example sketch pass runs on that many examples and is extrapolated linearly."""
+    of each featurizer (the sketch hashes are drawn in the warm-up, reported as ``sketch_setup_s``) and after its
+    input batches were read once (untimed). ``subset``: the per-example sketch pass runs on that many examples and is
+    extrapolated linearly."""
+    x, y = split.x, split.y
     n = x.shape[0]
     res: dict[str, Any] = dict(n_train=n, params=num_params(model), proj_dim=s.proj_dim, example_batch=example_bs,
                                group_batch=s.group_batch, grouping_seconds=grouping_seconds, rows=[])
@@ -297,9 +224,6 @@ def run_speed(s: Settings, model: nn.Module, x: Tensor, y: Tensor, groupings: di
     res["sketch_setup_s"] = setup
     sketch(x[:example_bs], y[:example_bs], (0,))  # warm-up at the real batch size
     log(f"  sketch set-up (hashes for {sketch.num_params} coordinates) {setup:.1f}s")
-
-    def best(fn: Callable[[], Any]) -> list[float]:
-        return [timed(fn)[1] for _ in range(s.timing_repeats)]
 
     def add(mode: str, projection: str, grouping: str | None, runs: list[float], examples: int, note: str = ""
             ) -> None:
@@ -312,18 +236,22 @@ def run_speed(s: Settings, model: nn.Module, x: Tensor, y: Tensor, groupings: di
             f"{total:.1f}s / {n} ({n / total:.1f} ex/s)")
 
     m = n if subset is None else min(subset, n)
-    t = best(lambda: example_pass(sketch, x, y, (0,), example_bs, m))
+    part = split.head(m)
+    part.preload(example_bs)
+    t = best_of(lambda: part.features(sketch, (0,), example_bs), s.timing_repeats)
     add("per-example", "sketch", None, t, m, "" if m == n else f"first {m} examples, extrapolated x{n / m:.2f}")
     if kronecker:
         kron = GradientFeaturizer(model, proj_dim=s.proj_dim, projection="kronecker")
         kron(x[:example_bs], y[:example_bs], (0,))
-        t = best(lambda: example_pass(kron, x, y, (0,), example_bs))
+        split.preload(example_bs)
+        t = best_of(lambda: split.features(kron, (0,), example_bs), s.timing_repeats)
         add("per-example", "kronecker", None, t, n)
         res["kronecker_dim"] = kron.feature_dim
     bounds = torch.tensor([0, s.group_batch // 2, s.group_batch])
     sketch(x[: s.group_batch], y[: s.group_batch], (0,), bounds)  # warm-up of the grouped path
     for name, g in groupings.items():
-        t = best(lambda: grouped_pass(sketch, x, y, (0,), g, s.group_batch))
+        split.preload(s.group_batch, g, name)
+        t = best_of(lambda: split.features(sketch, (0,), s.group_batch, g, name), s.timing_repeats)
         add("grouped", "sketch", name, t, n, f"mean group size {float(g.sizes.double().mean()):.1f}")
     if plain:
         def fb() -> None:
@@ -332,7 +260,7 @@ def run_speed(s: Settings, model: nn.Module, x: Tensor, y: Tensor, groupings: di
                 F.cross_entropy(model(x[i : i + s.group_batch]), y[i : i + s.group_batch], reduction="sum").backward()
             model.zero_grad(set_to_none=True)
         fb()
-        t = best(fb)
+        t = best_of(fb, s.timing_repeats)
         add("plain f+b", "-", None, t, n, "batched forward + backward of the summed loss, no attribution")
     base = next(r for r in res["rows"] if r["mode"] == "per-example" and r["projection"] == "sketch")["total_s"]
     for r in res["rows"]:
@@ -361,10 +289,11 @@ TRACIN_VARIANTS = {"tracin_exact": dict(proj_dim=None), "tracin_sketch": dict(pr
                    "tracin_kronecker": dict(projection="kronecker")}
 
 
-def attributions(s: Settings, ckpts: Sequence[Checkpoint], data: Data, groupings: dict[str, Grouping],
-                 xq: Tensor, yq: Tensor) -> tuple[Attributions, dict]:
+def attributions(s: Settings, ckpts: Sequence[Checkpoint], train: Split, query: Split, groupings: dict[str, Grouping]
+                 ) -> tuple[Attributions, dict]:
     """TracIn-CP (exact, sketch, Kronecker) and TRAK (sketch) scores, per example and per group, every checkpoint."""
-    x, y = data.x_train, data.y_train
+    x, y = train.x, train.y
+    bs, gb = s.cnn_example_batch, s.group_batch
     lrs = [ck.lr for ck in ckpts]
     pe: dict[str, list] = {k: [] for k in TRACIN_VARIANTS}
     gr: dict[str, dict[str, list]] = {name: {k: [] for k in TRACIN_VARIANTS} for name in groupings}
@@ -372,21 +301,21 @@ def attributions(s: Settings, ckpts: Sequence[Checkpoint], data: Data, groupings
     trak: dict[str, list[Tensor]] = dict(x=[], phi=[], q=[])
     trak_g = {name: dict(x=[], q=[]) for name in groupings}
     for c, ck in enumerate(ckpts):
-        model = load_cnn(s, ck)
+        model = load_cnn(ck, s.image_size)
         for name, kw in TRACIN_VARIANTS.items():
             kw = dict(kw, proj_dim=kw.get("proj_dim", s.proj_dim))
             feat = GradientFeaturizer(model, output="cross_entropy", **kw)
-            pe[name].append(example_pass(feat, x, y, (c,), s.cnn_example_batch))
-            q_pe[name].append(example_pass(feat, xq, yq, (c,), s.cnn_example_batch))
+            pe[name].append(train.features(feat, (c,), bs))
+            q_pe[name].append(query.features(feat, (c,), bs))
             for gname, g in groupings.items():
-                gr[gname][name].append(grouped_pass(feat, x, y, (c,), g, s.group_batch))
+                gr[gname][name].append(train.features(feat, (c,), gb, g, gname))
         feat = GradientFeaturizer(model, output="margin", proj_dim=s.proj_dim, projection="sketch")
-        trak["x"].append(example_pass(feat, x, y, (c,), s.cnn_example_batch))
+        trak["x"].append(train.features(feat, (c,), bs))
         with torch.no_grad():
             trak["q"].append(out_to_loss(predict(model, x), y))
-        trak["phi"].append(example_pass(feat, xq, yq, (c,), s.cnn_example_batch))
+        trak["phi"].append(query.features(feat, (c,), bs))
         for gname, g in groupings.items():
-            trak_g[gname]["x"].append(grouped_pass(feat, x, y, (c,), g, s.group_batch))
+            trak_g[gname]["x"].append(train.features(feat, (c,), gb, g, gname))
             trak_g[gname]["q"].append(g.one_hot() @ trak["q"][-1] / g.sizes.float())  # a group's Q: members' mean
         log(f"  attribution features of checkpoint {c} done")
 
@@ -421,7 +350,7 @@ def attributions(s: Settings, ckpts: Sequence[Checkpoint], data: Data, groupings
     return Attributions(per_example, grouped, sweep), checks
 
 
-def retrain_margins(s: Settings, data: Data, xq: Tensor, yq: Tensor) -> Callable[[Tensor], Tensor]:
+def retrain_margins(s: Settings, data: DigitsData, xq: Tensor, yq: Tensor) -> Callable[[Tensor], Tensor]:
     """``train_fn(kept example indices) -> (m,)`` margins of the true class on the targets after retraining the CNN
     from scratch on those examples (mean over ``retrain_seeds`` init / order seeds)."""
 
@@ -435,7 +364,7 @@ def retrain_margins(s: Settings, data: Data, xq: Tensor, yq: Tensor) -> Callable
     return train_fn
 
 
-def run_lds(s: Settings, data: Data, groupings: dict[str, Grouping], att: Attributions, xq: Tensor, yq: Tensor
+def run_lds(s: Settings, data: DigitsData, groupings: dict[str, Grouping], att: Attributions, xq: Tensor, yq: Tensor
             ) -> dict:
     train_fn = retrain_margins(s, data, xq, yq)
     out: dict[str, Any] = {}
@@ -466,20 +395,24 @@ def run_lds(s: Settings, data: Data, groupings: dict[str, Grouping], att: Attrib
     return out
 
 
-def run_noisy(s: Settings, data: Data, ckpts: Sequence[Checkpoint], groupings: dict[str, Grouping]) -> dict:
-    """TracIn-CP self-influence (exact, all parameters) per example and per group on the noisy-label model."""
-    x, y, noisy = data.x_train, data.y_train, data.noisy
+def run_noisy(s: Settings, split: Split, noisy: Tensor, ckpts: Sequence[Checkpoint], groupings: dict[str, Grouping]
+              ) -> dict:
+    """TracIn-CP self-influence (exact, all parameters) per example and per group on the noisy-label model (``noisy``
+    flags the flipped labels of ``split``)."""
+    x, y = split.x, split.y
     n = x.shape[0]
+    for name, g in groupings.items():
+        split.preload(s.group_batch, g, name)
     self_pe = torch.zeros(n)
     self_g = {name: torch.zeros(g.num_groups) for name, g in groupings.items()}
     t_pe = t_g = 0.0
     for c, ck in enumerate(ckpts):
-        feat = GradientFeaturizer(load_cnn(s, ck), output="cross_entropy", proj_dim=None)
+        feat = GradientFeaturizer(load_cnn(ck, s.image_size), output="cross_entropy", proj_dim=None)
         v, t = timed(lambda: torch.cat([feat.sq_norms(x[i : i + 256], y[i : i + 256]) for i in range(0, n, 256)]))
         self_pe += ck.lr * v
         t_pe += t
         for name, g in groupings.items():
-            v, t = timed(lambda: grouped_pass(feat, x, y, (c,), g, s.group_batch).pow(2).sum(1))
+            v, t = timed(lambda: split.features(feat, (c,), s.group_batch, g, name).pow(2).sum(1))
             self_g[name] += ck.lr * v
             t_g += t
 
@@ -501,7 +434,7 @@ def run_noisy(s: Settings, data: Data, ckpts: Sequence[Checkpoint], groupings: d
 
     rows = {"per-example": dict(num_groups=n, **evaluate(self_pe, torch.arange(n)))}
     for name, g in groupings.items():
-        # the package's ranking (group_mean_self_influence = summed-gradient self-influence / size^2)
+        # the package's ranking (self_influence, normalize="mean" = summed-gradient self-influence / size^2)
         rows[name] = dict(num_groups=g.num_groups, **evaluate(self_g[name] / g.sizes.double().pow(2).float(),
                                                               g.assignment))
         rows[name + " (summed gradient)"] = dict(num_groups=g.num_groups, **evaluate(self_g[name], g.assignment))
@@ -630,8 +563,8 @@ def markdown(r: dict) -> str:
               f"{nz['n_noisy']} of {r['fidelity']['n_train']} train labels flipped. Checkpoints: " +
               ", ".join(f"epoch {c['epoch']} lr {c['lr']:g} train acc {c['train_acc']:.3f} val acc {c['val_acc']:.3f}"
                         for c in nz["checkpoints"]) + ". Grouped = the package's "
-              "group_mean_self_influence: squared norm of the group's summed-loss gradient / size^2 (the group's "
-              "mean gradient); summed gradient = without the division (group_self_influence; diagnostic); "
+              "`self_influence` (normalize='mean'): squared norm of the group's summed-loss gradient / size^2 (the "
+              "group's mean gradient); summed gradient = without the division (`self_influence('sum')`; diagnostic); "
               "per-example summed = sum of the members' per-example "
               "self-influences. Pruning: fraction of the flipped "
               f"labels removed when removing whole groups (highest self-influence first) until the fraction is reached "
@@ -704,23 +637,65 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
-        return None
-    return obj
+# ----------------------------------------------------------------------------------------------------------- parts
+def infos(groupings: dict[str, Grouping]) -> dict[str, dict]:
+    return {k: grouping_info(g) for k, g in groupings.items()}
+
+
+def resnet_speed(s: Settings, r: dict) -> None:
+    """1a. timm resnet18 (random init, eval mode) on 3x32x32 digits: its groupings and the speed of one pass."""
+    log("1a. resnet18 speed")
+    data3 = DigitsData.load(s.image_size, channels=3).truncated(s.n_train)
+    split = Split(data3.x_train, data3.y_train)
+    torch.manual_seed(0)
+    resnet = create_timm_model(s.resnet, pretrained=False, num_classes=NUM_CLASSES).eval()
+    groupings, gsec = make_groupings(s, resnet, split)
+    r["groupings"]["resnet18 (speed)"] = infos(groupings)
+    r["speed"]["resnet"] = run_speed(s, resnet, split, groupings, gsec, s.resnet_example_batch, s.resnet_subset,
+                                     kronecker=True, plain=True)
+
+
+def clean_cnn(s: Settings, r: dict) -> None:
+    """2a. the CNN on clean digits: checkpoints and groupings; 1b. its speed (final checkpoint); 2b. attributions and
+    group LDS."""
+    log("2. DigitsCNN on clean digits")
+    data = DigitsData.load(s.image_size, channels=1).truncated(s.n_train)
+    train = Split(data.x_train, data.y_train)
+    final, ckpts = train_cnn(data.x_train, data.y_train, s, seed=0, checkpoints=True, val=(data.x_val, data.y_val),
+                             log=log)
+    groupings, gsec = make_groupings(s, final, train)
+    r["groupings"]["DigitsCNN clean"] = infos(groupings)
+
+    log("1b. DigitsCNN speed")
+    r["speed"]["cnn"] = run_speed(s, final, train, groupings, gsec, s.cnn_example_batch, None, kronecker=True,
+                                  plain=True)
+
+    log("2b. attributions and group LDS")
+    step = max(1, data.x_val.shape[0] // s.lds_targets)
+    xq, yq = data.x_val[::step][: s.lds_targets], data.y_val[::step][: s.lds_targets]
+    att, r["additivity"] = attributions(s, ckpts, train, Split(xq, yq), groupings)
+    r["fidelity"] = dict(n_train=data.x_train.shape[0], n_targets=xq.shape[0], checkpoints=[c.info() for c in ckpts])
+    r["lds"] = run_lds(s, data, groupings, att, xq, yq)
+
+
+def noisy_cnn(s: Settings, r: dict) -> None:
+    """2c. the CNN trained on flipped labels: self-influence per example and per group."""
+    log("2c. noisy labels")
+    noisy = DigitsData.load(s.image_size, channels=1, label_noise=s.label_noise).truncated(s.n_train)
+    split = Split(noisy.x_train, noisy.y_train)
+    nfinal, nckpts = train_cnn(noisy.x_train, noisy.y_train, s, seed=0, checkpoints=True,
+                               val=(noisy.x_val, noisy.y_val), log=log)
+    ngroupings, _ = make_groupings(s, nfinal, split)
+    r["groupings"]["DigitsCNN noisy"] = infos(ngroupings)
+    r["noisy"] = run_noisy(s, split, noisy.noisy, nckpts, ngroupings)
+    r["noisy"]["checkpoints"] = [c.info() for c in nckpts]
 
 
 # ----------------------------------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="artifacts/bench/ggda")
-    p.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
+    p.add_argument("--quick", "--smoke", dest="quick", action="store_true", help="smoke run with tiny sizes")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -733,60 +708,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                              machine=f"{platform.machine()}, {os.cpu_count()} cores, "
                                      f"Python {platform.python_version()}",
                              load_start=os.getloadavg()[0], settings=asdict(s), targets=TARGETS, groupings={}, speed={})
-
-    # ---- 1a. resnet18 speed
-    log("1a. resnet18 speed")
-    data3 = Data.load(s.image_size, channels=3).truncated(s.n_train)
-    torch.manual_seed(0)
-    resnet = create_timm_model(s.resnet, pretrained=False, num_classes=NUM_CLASSES).eval()
-    groupings, gsec = make_groupings(s, resnet, data3.x_train, data3.y_train)
-    r["groupings"]["resnet18 (speed)"] = {k: grouping_info(g) for k, g in groupings.items()}
-    r["speed"]["resnet"] = run_speed(s, resnet, data3.x_train, data3.y_train, groupings, gsec,
-                                     s.resnet_example_batch, s.resnet_subset, kronecker=True, plain=True)
-    del resnet, data3
-
-    # ---- 2a. clean CNN: checkpoints and groupings (reused by 1b)
-    log("2. DigitsCNN on clean digits")
-    data = Data.load(s.image_size, channels=1).truncated(s.n_train)
-    final, ckpts = train_cnn(data.x_train, data.y_train, s, s.epochs, seed=0, checkpoints=True,
-                             val=(data.x_val, data.y_val))
-    groupings, gsec = make_groupings(s, final, data.x_train, data.y_train)
-    r["groupings"]["DigitsCNN clean"] = {k: grouping_info(g) for k, g in groupings.items()}
-
-    # ---- 1b. CNN speed (final clean checkpoint)
-    log("1b. DigitsCNN speed")
-    r["speed"]["cnn"] = run_speed(s, final, data.x_train, data.y_train, groupings, gsec, s.cnn_example_batch, None,
-                                  kronecker=True, plain=True)
-
-    # ---- 2b. LDS
-    log("2b. attributions and group LDS")
-    step = max(1, data.x_val.shape[0] // s.lds_targets)
-    xq, yq = data.x_val[::step][: s.lds_targets], data.y_val[::step][: s.lds_targets]
-    att, checks = attributions(s, ckpts, data, groupings, xq, yq)
-    r["additivity"] = checks
-    r["fidelity"] = dict(n_train=data.x_train.shape[0], n_targets=xq.shape[0],
-                         checkpoints=[dict(epoch=c.epoch, lr=c.lr, train_acc=c.train_acc, val_acc=c.val_acc)
-                                      for c in ckpts])
-    r["lds"] = run_lds(s, data, groupings, att, xq, yq)
-
-    # ---- 2c. noisy labels
-    log("2c. noisy labels")
-    noisy = Data.load(s.image_size, channels=1, label_noise=s.label_noise).truncated(s.n_train)
-    nfinal, nckpts = train_cnn(noisy.x_train, noisy.y_train, s, s.epochs, seed=0, checkpoints=True,
-                               val=(noisy.x_val, noisy.y_val))
-    ngroupings, _ = make_groupings(s, nfinal, noisy.x_train, noisy.y_train)
-    r["groupings"]["DigitsCNN noisy"] = {k: grouping_info(g) for k, g in ngroupings.items()}
-    r["noisy"] = run_noisy(s, noisy, nckpts, ngroupings)
-    r["noisy"]["checkpoints"] = [dict(epoch=c.epoch, lr=c.lr, train_acc=c.train_acc, val_acc=c.val_acc)
-                                 for c in nckpts]
-
+    resnet_speed(s, r)
+    clean_cnn(s, r)
+    noisy_cnn(s, r)
     r["verdicts"] = verdicts(r)
     r["wall_seconds"] = time.perf_counter() - start
     r["load_end"] = os.getloadavg()[0]
     md = markdown(r)
     plot(r, out / "speedup_vs_fidelity.png")
-    atomic_write(str(out / "results.json"), lambda tmp: open(tmp, "w").write(json.dumps(_jsonable(r), indent=1)))
-    atomic_write(str(out / "results.md"), lambda tmp: open(tmp, "w").write(md))
+    write_json(out / "results.json", r, indent=1, nonfinite=lambda _: None)
+    write_text(out / "results.md", md)
     print(md)
     log(f"done in {r['wall_seconds']:.0f}s; wrote {out}/results.json, results.md, speedup_vs_fidelity.png")
     return r

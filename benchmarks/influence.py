@@ -32,47 +32,74 @@ Everything runs in one process on the same small digits CNN and the same checkpo
    stem_width=16), image_size=32, mask_prob=0)`` on ``ImageDataModule("digits", image_size=32, batch_size=64)`` with
    and without ``TracIn(last_layer=True, every_n_epochs=1, num_queries=0, progress_bar=False)``. Overhead in %, time
    per pass, and whether the final weights are bit-identical.
+5. **Overhead of in-step TracIn** (part ``overhead``): the digits ResNet ``Classifier`` and the noisy digits exactly
+   as ``configs/digits_noisy_resnet.yaml`` configures them (read from the file), ``trainer.fit`` wall time over
+   ``overhead_epochs`` epochs for: no callback; ``TracIn(in_step=True, last_layer=True, num_queries=0)``; the same
+   with 8 tracked queries (the default); ``TracIn(in_step=True, module_types=["Linear", "Conv2d"], num_queries=0)``
+   (every Linear / Conv2d layer; BatchNorm parameters are not selected); pass-based ``TracIn(last_layer=True,
+   num_queries=0)`` every epoch and every 3 epochs. The datamodule is built once, every configuration is warmed up
+   once, then interleaved rounds (each configuration once per round), best of the rounds. Also: whether the final
+   weights are bit-identical to the run without callback (same seed), and the noisy-label AUC of ``self_influence``
+   after every timed run and after one full ``overhead_auc_epochs``-epoch run of each in-step configuration.
 
-    python benchmarks/influence.py --out artifacts/bench/influence            # full run (~5 min on 2 idle cores)
-    python benchmarks/influence.py --out artifacts/bench/influence --quick    # smoke run (smaller sizes, 1 round)
+    python benchmarks/influence.py --out artifacts/bench/influence            # full run (~10 min on 2 idle cores)
+    python benchmarks/influence.py --out artifacts/bench/influence --quick    # smaller sizes, 1 round
+    python benchmarks/influence.py --out /tmp/bench_smoke --smoke             # smoke test: minimal sizes (~1-2 min)
     python benchmarks/influence.py --parts tracin,throughput                  # a subset
+    python benchmarks/influence.py --only overhead                            # in-step overhead alone (~4-5 min)
 
 Prints markdown tables; writes ``{out}/results.json`` and ``{out}/results.md`` (and the checkpoints under
-``{out}/checkpoints``, the callback's files under ``{out}/callback``).
+``{out}/checkpoints``, the callbacks' files under ``{out}/callback`` and ``{out}/overhead``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
+import gc
 import logging
 import math
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # traker's progress bars; tqdm reads it when imported (by torch)
 
+import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    Checkpoint,
+    CNNTraining,
+    DigitsCNN,
+    DigitsData,
+    Timed,
+    batches,
+    load_cnn,
+    load_now,
+    max_rel_err,
+    num_params,
+    progress,
+    quiet,
+    run_rounds,
+    timed,
+    train_cnn,
+    write_json,
+    write_text,
+)
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import lightning_attr  # noqa: E402
-from lightning_attr import ImageDataModule  # noqa: E402
+from lightning_attr import Classifier, ImageDataModule  # noqa: E402
+from lightning_attr.callbacks import TracIn  # noqa: E402
 from lightning_attr.influence import (  # noqa: E402
     GradientFeaturizer,
     damped_inverse,
@@ -82,24 +109,19 @@ from lightning_attr.influence import (  # noqa: E402
     trak_scores,
     xtx,
 )
-from lightning_attr.io import atomic_write  # noqa: E402
+from lightning_attr.metrics import noisy_label_auc  # noqa: E402
 
 TARGETS = dict(tracin_spearman=0.99, trak_proj_spearman=0.95, vs_traker=10.0, vs_captum=1.2, vs_plain=0.5,
-               callback_overhead_pct=10.0,
+               callback_overhead_pct=10.0, in_step_overhead_pct=5.0, in_step_auc=0.95,
                trak_noproj_rel_err=1e-3)  # "float tolerance" for float32 scores (max |a - b| / max |b|)
-NUM_CLASSES = 10
+NOISY_RESNET_CONFIG = ROOT / "configs" / "digits_noisy_resnet.yaml"
+log = progress("influence")
 
 
 @dataclass
-class Settings:
-    """Sizes of one run (``--quick`` picks the small ones)."""
+class Settings(CNNTraining):
+    """Sizes of one run (``--quick`` / ``--smoke`` pick smaller ones); the CNN's training in ``CNNTraining``."""
 
-    image_size: int = 32
-    epochs: int = 6
-    checkpoint_every: int = 2  # epochs between checkpoints (and learning-rate halvings): 3 checkpoints
-    lr: float = 0.1
-    lr_decay: float = 0.5
-    batch_size: int = 64
     num_queries: int = 20
     tracin_train: int = 500  # train subset of the TracIn agreement
     trak_train: int = 0  # train subset of the TRAK agreement (0: the whole train split)
@@ -114,37 +136,27 @@ class Settings:
     callback_epochs: int = 5
     callback_repeats: int = 3
     resnet_epochs: int = 5
+    overhead_epochs: int = 6  # epochs of each timed fit of the in-step overhead part
+    overhead_rounds: int = 3  # interleaved rounds (best of)
+    overhead_warmup_epochs: int = 1  # one untimed fit of each configuration first
+    overhead_auc_epochs: int | None = None  # the full run for the AUC (None: the config's max_epochs, 12)
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(epochs=4, num_queries=8, tracin_train=192, trak_train=640, trak_proj_dim=256,
                    trak_proj_dims=(256, 1024), throughput_round_s=1.0, throughput_max_batches=4, throughput_rounds=1,
-                   callback_epochs=2, callback_repeats=1, resnet_epochs=2)
+                   callback_epochs=2, callback_repeats=1, resnet_epochs=2, overhead_epochs=2, overhead_rounds=1,
+                   overhead_auc_epochs=2)
+
+    @classmethod
+    def smoke(cls) -> Settings:
+        return cls(epochs=2, checkpoint_every=1, num_queries=4, tracin_train=64, trak_train=128, trak_proj_dim=64,
+                   trak_proj_dims=(32, 64), trak_noproj_dampings=(1e-2,), throughput_proj_dim=64,
+                   throughput_round_s=0.1, throughput_max_batches=1, throughput_rounds=1, callback_epochs=1,
+                   callback_repeats=1, resnet_epochs=1, overhead_epochs=1, overhead_rounds=1, overhead_auc_epochs=1)
 
 
 # ----------------------------------------------------------------------------------------------------------- utils
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    """Progress line on stderr (elapsed seconds, 1-minute load average)."""
-    print(f"[influence {time.perf_counter() - _START:6.0f}s load {os.getloadavg()[0]:.1f}] {message}", file=sys.stderr,
-          flush=True)
-
-
-@contextlib.contextmanager
-def quiet() -> Any:
-    """Silence the libraries' warnings and loggers inside the block."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)
-        try:
-            yield
-        finally:
-            logging.disable(previous)
-
-
 def spearman(a: Tensor, b: Tensor) -> float:
     """Spearman rank correlation of two equally shaped tensors (flattened)."""
     from scipy.stats import spearmanr
@@ -155,11 +167,6 @@ def spearman(a: Tensor, b: Tensor) -> float:
 def per_query_spearman(a: Tensor, b: Tensor) -> float:
     """Mean over query columns of the Spearman correlation of the train scores, (n_train, n_query) inputs."""
     return float(np.mean([spearman(a[:, j], b[:, j]) for j in range(a.shape[1])]))
-
-
-def max_rel_err(a: Tensor, b: Tensor) -> float:
-    """``max |a - b| / max |b|``: the largest deviation relative to the largest score."""
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
 def fit_scale(a: Tensor, b: Tensor) -> float:
@@ -178,32 +185,7 @@ def agreement(ours: Tensor, ref: Tensor) -> dict[str, float]:
                 max_rel_err=max_rel_err(ours, ref), top10_overlap=float(overlap))
 
 
-def batches(x: Tensor, y: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
-
-
 # ---------------------------------------------------------------------------------------------- model and data
-class DigitsCNN(nn.Module):
-    """Conv(1->16, 3x3) - ReLU - MaxPool - Conv(16->32, 3x3) - ReLU - MaxPool - Linear(32*(S/4)^2, 64) - ReLU -
-    Linear(64, 10)."""
-
-    def __init__(self, image_size: int = 32, channels: int = 1, width: int = 16, hidden: int = 64) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.fc1 = nn.Linear(2 * width * (image_size // 4) ** 2, hidden)
-        self.fc2 = nn.Linear(hidden, NUM_CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 # the projections compared; dense gets a memory cap above its matrix so it is drawn once per checkpoint (with the
 # default max_memory_mb=1024 a 136586 x 2048 matrix, 1067 MiB, is redrawn on every batch; scores are the same)
 PROJECTIONS = {"sketch": {}, "kronecker": {}, "dense": dict(max_memory_mb=8192)}
@@ -218,80 +200,16 @@ def proj_label(projection: str, default: str) -> str:
     return f"{projection} (default)" if projection == default else projection
 
 
-@dataclass
-class Data:
-    """The digits splits as tensors (images (N, 1, S, S) normalized to [-1, 1], labels (N,))."""
-
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-
-    @classmethod
-    def load(cls, image_size: int) -> Data:
-        dm = ImageDataModule("digits", image_size=image_size, channels=1, batch_size=64)
-        dm.setup()
-
-        def stack(split: str) -> tuple[Tensor, Tensor]:
-            ds = dm.splits[split]
-            items = [ds[i] for i in range(len(ds))]
-            return torch.stack([it["image"] for it in items]), torch.tensor([int(it["label"]) for it in items])
-
-        return cls(*stack("train"), *stack("val"))
-
-
-@dataclass
-class Checkpoint:
-    epoch: int
-    lr: float
-    state: dict[str, Tensor]
-    path: str
-    train_acc: float
-    val_acc: float
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    model.eval()
-    return float(torch.cat([model(xb).argmax(1) for xb, _ in batches(x, y, 512)]).eq(y).float().mean())
-
-
-def train_checkpoints(data: Data, s: Settings, out: Path, seed: int = 0) -> tuple[DigitsCNN, list[Checkpoint]]:
-    """Plain torch SGD (momentum 0.9), learning rate ``lr * lr_decay**(epoch // checkpoint_every)``; a checkpoint
-    (state dict + the learning rate of the epochs just finished) every ``checkpoint_every`` epochs."""
-    torch.manual_seed(seed)
-    model = DigitsCNN(s.image_size)
-    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    ckpts = []
-    for epoch in range(s.epochs):
-        lr = s.lr * s.lr_decay ** (epoch // s.checkpoint_every)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        model.train()
-        order = torch.randperm(data.x_train.shape[0], generator=gen)
-        for i in range(0, order.numel(), s.batch_size):
-            idx = order[i : i + s.batch_size]
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
-            opt.step()
-        if (epoch + 1) % s.checkpoint_every:
-            continue
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        path = str(out / "checkpoints" / f"epoch-{epoch:02d}.pt")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"state_dict": state, "lr": lr, "epoch": epoch}, path)
-        ck = Checkpoint(epoch, lr, state, path, accuracy(model, data.x_train, data.y_train),
-                        accuracy(model, data.x_val, data.y_val))
-        ckpts.append(ck)
-        log(f"checkpoint {epoch}: lr {lr:g}, train acc {ck.train_acc:.3f}, val acc {ck.val_acc:.3f}")
-    return model.eval(), ckpts
-
-
-def fresh_model(s: Settings, ck: Checkpoint) -> DigitsCNN:
-    model = DigitsCNN(s.image_size)
-    model.load_state_dict(ck.state)
-    return model.eval()
+def train_checkpoints(data: DigitsData, s: Settings, out: Path, seed: int = 0) -> tuple[DigitsCNN, list[Checkpoint]]:
+    """``train_cnn`` with a checkpoint every ``checkpoint_every`` epochs, each also saved (state dict, lr, epoch) to
+    ``{out}/checkpoints``: Captum reads checkpoints by path."""
+    model, ckpts = train_cnn(data.x_train, data.y_train, s, seed=seed, checkpoints=True, val=(data.x_val, data.y_val),
+                             log=log)
+    for ck in ckpts:
+        ck.path = str(out / "checkpoints" / f"epoch-{ck.epoch:02d}.pt")
+        os.makedirs(os.path.dirname(ck.path), exist_ok=True)
+        torch.save({"state_dict": ck.state, "lr": ck.lr, "epoch": ck.epoch}, ck.path)
+    return model, ckpts
 
 
 def captum_loader(ckpts: Sequence[Checkpoint]) -> Callable[[nn.Module, str], float]:
@@ -316,7 +234,7 @@ def tracin_ours(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor
     """Our TracIn-CP scores (n_train, n_query) over the checkpoints."""
     train, query = [], []
     for c, ck in enumerate(ckpts):
-        model = fresh_model(s, ck)
+        model = load_cnn(ck, s.image_size)
         feat = GradientFeaturizer(model, output="cross_entropy", **kw)
         train.append(ours_features(feat, xt, yt, (c,), s.batch_size, factored))
         query.append(ours_features(feat, xq, yq, (c,), s.batch_size, factored))
@@ -329,7 +247,7 @@ def tracin_captum(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tens
     (n_train, n_query)."""
     from captum.influence import TracInCP, TracInCPFast
 
-    model = fresh_model(s, ckpts[0])
+    model = load_cnn(ckpts[0], s.image_size)
     loader = DataLoader(TensorDataset(xt, yt), batch_size=s.batch_size, shuffle=False)
     common = dict(train_dataset=loader, checkpoints=[ck.path for ck in ckpts],
                   checkpoints_load_func=captum_loader(ckpts), loss_fn=nn.CrossEntropyLoss(reduction="sum"),
@@ -342,7 +260,7 @@ def tracin_captum(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tens
         return tracin.influence((xq, yq)).T.contiguous()
 
 
-def run_tracin_agreement(s: Settings, data: Data, ckpts: Sequence[Checkpoint]) -> dict:
+def run_tracin_agreement(s: Settings, data: DigitsData, ckpts: Sequence[Checkpoint]) -> dict:
     n = min(s.tracin_train, data.x_train.shape[0])
     xt, yt = data.x_train[:n], data.y_train[:n]
     xq, yq = data.x_val[: s.num_queries], data.y_val[: s.num_queries]
@@ -355,18 +273,18 @@ def run_tracin_agreement(s: Settings, data: Data, ckpts: Sequence[Checkpoint]) -
     ref = tracin_captum(s, ckpts, xt, yt, xq, yq)
     t_ref = time.perf_counter() - t
     res["exact"] = dict(**agreement(ours, ref), seconds_ours=t_ours, seconds_captum=t_ref, params=num_params(
-        fresh_model(s, ckpts[0])))
+        load_cnn(ckpts[0], s.image_size)))
     log(f"TracIn exact vs Captum TracInCP: {res['exact']}")
 
     rows = []  # how well projected TracIn reproduces the exact scores
-    default = default_projection(fresh_model(s, ckpts[0]), s.trak_proj_dim)
+    default = default_projection(load_cnn(ckpts[0], s.image_size), s.trak_proj_dim)
     for projection, extra in PROJECTIONS.items():
         for seed in (0, 1):
             t = time.perf_counter()
             sk = tracin_ours(s, ckpts, xt, yt, xq, yq, proj_dim=s.trak_proj_dim, projection=projection, seed=seed,
                              **extra)
             seconds = time.perf_counter() - t
-            dim = GradientFeaturizer(fresh_model(s, ckpts[0]), proj_dim=s.trak_proj_dim,
+            dim = GradientFeaturizer(load_cnn(ckpts[0], s.image_size), proj_dim=s.trak_proj_dim,
                                      projection=projection).feature_dim
             rows.append(dict(projection=projection, default=projection == default, seed=seed, feature_dim=dim,
                              seconds=seconds, **agreement(sk, ours)))
@@ -407,7 +325,7 @@ def trak_ours(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor, 
     ``trak_scores``."""
     kernels, phis, qs, blocks, inv_abs, blocks64 = [], [], [], [], [], []
     for c, ck in enumerate(ckpts):
-        model = fresh_model(s, ck)
+        model = load_cnn(ck, s.image_size)
         feat = GradientFeaturizer(model, output="margin", **kw)
         x_c = ours_features(feat, xt, yt, (c,), s.batch_size)
         inverse = damped_inverse(xtx(x_c), damping)
@@ -455,7 +373,7 @@ def trak_traker(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor
     ``lambda_reg`` is set per checkpoint to ``damping * mean(diag(X^T X))`` of traker's own features (the same
     relative, hence absolute, damping as ours) and each checkpoint is finalized on its own.
     """
-    model = fresh_model(s, ckpts[0])
+    model = load_cnn(ckpts[0], s.image_size)
     traker = make_traker(model, xt.shape[0], save_dir, proj_dim, seed, grad_wrt, projector)
     out: dict[float, dict[str, Any]] = {}
     with quiet():
@@ -491,7 +409,7 @@ def trak_traker(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor
     return out
 
 
-def run_trak_agreement(s: Settings, data: Data, ckpts: Sequence[Checkpoint], out: Path) -> dict:
+def run_trak_agreement(s: Settings, data: DigitsData, ckpts: Sequence[Checkpoint], out: Path) -> dict:
     n = s.trak_train or data.x_train.shape[0]
     xt, yt = data.x_train[:n], data.y_train[:n]
     xq, yq = data.x_val[: s.num_queries], data.y_val[: s.num_queries]
@@ -502,7 +420,7 @@ def run_trak_agreement(s: Settings, data: Data, ckpts: Sequence[Checkpoint], out
         # One checkpoint: traker = ours / (p * mean|inverse|), one scalar. Several: traker weights checkpoint c by
         # 1 / mean|inverse_c|, so ours re-weighted the same way must match after one scalar too.
         names = ["fc2.weight", "fc2.bias"]
-        params = sum(fresh_model(s, ckpts[0]).get_parameter(nm).numel() for nm in names)
+        params = sum(load_cnn(ckpts[0], s.image_size).get_parameter(nm).numel() for nm in names)
         t = time.perf_counter()
         refs = trak_traker(s, ckpts, xt, yt, xq, yq, s.trak_noproj_dampings, str(tmp / "noproj"), None, grad_wrt=names)
         res["noproj_seconds_traker"] = time.perf_counter() - t
@@ -543,7 +461,7 @@ def trak_exact(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt: Tensor,
     blocks: dict[int, list[Tensor]] = {k: [] for k in ks}
     qs = []
     for c, ck in enumerate(ckpts):
-        model = fresh_model(s, ck)
+        model = load_cnn(ck, s.image_size)
         feat = GradientFeaturizer(model, output="margin", proj_dim=None)
         x_c = ours_features(feat, xt, yt, (c,), s.batch_size)
         phi = ours_features(feat, xq, yq, (c,), s.batch_size)
@@ -564,8 +482,8 @@ def run_trak_projected(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt:
     """For each k: ours (every projection, seeds 0 and 1), traker (seed 0) and exact TRAK, compared pairwise."""
     from trak.projectors import BasicProjector, ProjectionType
 
-    dmp, p = s.damping, num_params(fresh_model(s, ckpts[0]))
-    default = default_projection(fresh_model(s, ckpts[0]), max(s.trak_proj_dims))
+    dmp, p = s.damping, num_params(load_cnn(ckpts[0], s.image_size))
+    default = default_projection(load_cnn(ckpts[0], s.image_size), max(s.trak_proj_dims))
     t = time.perf_counter()
     exact = trak_exact(s, ckpts, xt, yt, xq, yq, dmp, s.trak_proj_dims)
     exact_seconds = time.perf_counter() - t
@@ -578,7 +496,7 @@ def run_trak_projected(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt:
         dims: dict[str, int] = {}
         for projection, extra in PROJECTIONS.items():
             name = f"ours {projection}"
-            dims[projection] = GradientFeaturizer(fresh_model(s, ckpts[0]), proj_dim=k, projection=projection).feature_dim
+            dims[projection] = GradientFeaturizer(load_cnn(ckpts[0], s.image_size), proj_dim=k, projection=projection).feature_dim
             for seed in (0, 1):
                 t = time.perf_counter()
                 out = trak_ours(s, ckpts, xt, yt, xq, yq, dmp, proj_dim=k, projection=projection, seed=seed, **extra)
@@ -612,25 +530,27 @@ def run_trak_projected(s: Settings, ckpts: Sequence[Checkpoint], xt: Tensor, yt:
 
 # ---------------------------------------------------------------------------------------------------- throughput
 @dataclass
-class Job:
-    """One timed workload: ``run(n)`` processes the first ``n`` batches of the pass (``before`` runs untimed)."""
+class Job(Timed):
+    """One timed workload: ``run(n)`` processes the first ``n`` batches of the pass (``before`` runs untimed);
+    ``time_once()`` times ``batches`` batches and records the seconds."""
 
     method: str
     note: str
     run: Callable[[int], Any]
     before: Callable[[], None] | None = None
     batches: int = 1
-    seconds: list[float] = field(default_factory=list)
 
-    def time_once(self, n: int) -> float:
+    def seconds_for(self, n: int) -> float:
         if self.before is not None:
             self.before()
-        start = time.perf_counter()
-        self.run(n)
-        return time.perf_counter() - start
+        return timed(lambda: self.run(n))[1]
+
+    def time_once(self) -> float:
+        self.seconds.append(self.seconds_for(self.batches))
+        return self.seconds[-1]
 
 
-def throughput_jobs(s: Settings, model: nn.Module, ck: Checkpoint, data: Data, bs: int, tmp: Path) -> list[Job]:
+def throughput_jobs(s: Settings, model: nn.Module, ck: Checkpoint, data: DigitsData, bs: int, tmp: Path) -> list[Job]:
     """The workloads, all on the same model, checkpoint, data, batch size and projection size."""
     from captum.influence import TracInCP
     from trak.projectors import BasicProjector, ProjectionType
@@ -760,31 +680,27 @@ RATIOS = {  # name: (numerator, denominator)
 }
 
 
-def run_throughput(s: Settings, data: Data, ckpts: Sequence[Checkpoint], out: Path) -> dict:
+def run_throughput(s: Settings, data: DigitsData, ckpts: Sequence[Checkpoint], out: Path) -> dict:
     ck = ckpts[-1]
-    model = fresh_model(s, ck)
+    model = load_cnn(ck, s.image_size)
     bs = s.batch_size
     tmp = Path(tempfile.mkdtemp(prefix="traker-tp-", dir=out))
     try:
         jobs = throughput_jobs(s, model, ck, data, bs, tmp)
         max_batches = min(s.throughput_max_batches, math.ceil(data.x_train.shape[0] / bs))
         for job in jobs:  # warm-up (untimed) sizes each job's round to about `throughput_round_s` seconds
-            job.time_once(1)
-            t1 = job.time_once(1)
+            job.seconds_for(1)
+            t1 = job.seconds_for(1)
             job.batches = int(min(max_batches, max(1, round(s.throughput_round_s / max(t1, 1e-6)))))
             log(f"warm-up {job.method}: {bs / t1:.0f} ex/s on one batch -> {job.batches} batches per round")
-        for r in range(s.throughput_rounds):
-            for job in jobs:
-                job.seconds.append(job.time_once(job.batches))
-            log(f"throughput round {r + 1}/{s.throughput_rounds} done")
+        run_rounds(jobs, s.throughput_rounds, log, "throughput ")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = []
     for job in jobs:
         n = min(job.batches * bs, data.x_train.shape[0])
-        best = min(job.seconds)
         rows.append(dict(method=job.method, note=job.note, examples=n, batch_size=bs, rounds=len(job.seconds),
-                         seconds=best, median_seconds=statistics.median(job.seconds), examples_per_s=n / best))
+                         seconds=job.best, median_seconds=job.median, examples_per_s=n / job.best))
     by = {r["method"]: r["examples_per_s"] for r in rows}
     by[CAPTUM_FASTEST] = max(v for m, v in by.items() if m.startswith("Captum TracInCP"))
     ratios = {name: by[num] / by[den] for name, (num, den) in RATIOS.items()}
@@ -795,43 +711,74 @@ def run_throughput(s: Settings, data: Data, ckpts: Sequence[Checkpoint], out: Pa
 
 
 # ----------------------------------------------------------------------------------------------- callback overhead
-def run_callback_overhead(s: Settings, out: Path) -> dict:
-    """(a) ``cnn``: a plain LightningModule around ``DigitsCNN``, ``TracIn(last_layer=True, proj_dim=None)``;
-    (b) ``resnet``: ``lightning_attr.Classifier`` with a small timm ResNet-18 on 3x32x32 digits (validation every
-    epoch, AdamW + cosine), ``TracIn(last_layer=True)`` with its defaults otherwise. Both with ``every_n_epochs=1``,
-    fitted with and without the callback from the same seed, runs interleaved, best and median kept."""
-    import lightning as L
+class TimedTracIn(TracIn):
+    """TracIn that records the wall time of each attribution pass (storage and logging included)."""
 
-    from lightning_attr import Classifier
-    from lightning_attr.callbacks import TracIn
+    pass_seconds: list[float]
 
-    class TimedTracIn(TracIn):
-        """TracIn that records the wall time of each attribution pass (storage and logging included)."""
+    def run_pass(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        start = time.perf_counter()
+        super().run_pass(trainer, pl_module)
+        self.pass_seconds = getattr(self, "pass_seconds", []) + [time.perf_counter() - start]
 
-        pass_seconds: list[float]
 
-        def run_pass(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            start = time.perf_counter()
-            super().run_pass(trainer, pl_module)
-            self.pass_seconds = getattr(self, "pass_seconds", []) + [time.perf_counter() - start]
+class LitCNN(L.LightningModule):
+    """A plain LightningModule around ``DigitsCNN``: cross-entropy, torch SGD (momentum 0.9), no validation."""
 
-    class LitCNN(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = DigitsCNN(s.image_size)
+    def __init__(self, image_size: int, lr: float) -> None:
+        super().__init__()
+        self.model, self.lr = DigitsCNN(image_size), lr
 
-        def forward(self, x: Tensor) -> Tensor:
-            return self.model(x)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
 
-        def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-            return F.cross_entropy(self.model(batch["image"]), batch["label"])
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self.model(batch["image"]), batch["label"])
 
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=s.lr, momentum=0.9)
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
-    setups = {
+
+def trainer_fit(make_module: Callable[[], L.LightningModule], datamodule: L.LightningDataModule,
+                callbacks: Sequence[L.Callback], epochs: int, root: Path, seed: int = 0
+                ) -> tuple[float, dict[str, Tensor], L.LightningModule]:
+    """Seed everything, build the module and fit it for ``epochs`` epochs on the CPU without logger, checkpoints,
+    progress bar or model summary. Returns the seconds of ``trainer.fit`` alone, the final weights and the module."""
+    gc.collect()  # not inside the timing: garbage of earlier fits
+    L.seed_everything(seed, verbose=False)
+    module = make_module()
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+                        default_root_dir=str(root))
+    _, seconds = timed(lambda: trainer.fit(module, datamodule=datamodule))
+    return seconds, {k: v.detach().clone() for k, v in module.state_dict().items()}, module
+
+
+def weight_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[bool, float]:
+    """(bit-identical, max |a - b| over the floating tensors) of two state dicts."""
+    same = all(torch.equal(a[k], b[k]) for k in a)
+    diff = max([0.0] + [float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()])
+    return same, diff
+
+
+def pass_floor(module: nn.Module, dataset: Any, batch_size: int) -> tuple[float, float]:
+    """Best of 3: seconds to read ``dataset`` once through an unshuffled DataLoader (a cost the callback's input cache
+    pays only on the first pass), and of one eval forward over it without grad (the floor of a pass)."""
+    loading, forward = [], []
+    module.eval()
+    for _ in range(3):
+        loaded, t = timed(lambda: list(DataLoader(dataset, batch_size=batch_size)))
+        loading.append(t)
+        with torch.no_grad():
+            forward.append(timed(lambda: [module(b["image"]) for b in loaded])[1])
+    return min(loading), min(forward)
+
+
+def callback_setups(s: Settings) -> dict[str, dict]:
+    """(a) ``cnn`` and (b) ``resnet`` of the callback overhead part."""
+    return {
         "cnn": dict(
-            module=LitCNN, channels=1, epochs=s.callback_epochs,
+            module=lambda: LitCNN(s.image_size, s.lr), channels=1, epochs=s.callback_epochs,
             callback=dict(every_n_epochs=1, last_layer=True, proj_dim=None, progress_bar=False, num_queries=0),
             description=f"LightningModule around DigitsCNN (plain torch SGD, no validation), 1x{s.image_size}x"
                         f"{s.image_size}; TracIn(last_layer=True, proj_dim=None, every_n_epochs=1, num_queries=0)"),
@@ -846,78 +793,183 @@ def run_callback_overhead(s: Settings, out: Path) -> dict:
                         "TracIn(last_layer=True, every_n_epochs=1, num_queries=0, progress_bar=False)"),
     }
 
-    def datamodule(setup: dict) -> ImageDataModule:
-        return ImageDataModule("digits", image_size=32 if setup["channels"] == 3 else s.image_size,
-                               channels=setup["channels"], batch_size=s.batch_size)
 
-    def fit(name: str, setup: dict, with_callback: bool, run: int) -> tuple[float, dict[str, Tensor], dict, Any]:
-        L.seed_everything(0, verbose=False)
-        dm = datamodule(setup)
-        module = setup["module"]()
-        callbacks = []
-        if with_callback:
-            callbacks.append(TimedTracIn(dirpath=str(out / "callback" / name / f"tracin-{run}"), **setup["callback"]))
-        trainer = L.Trainer(max_epochs=setup["epochs"], accelerator="cpu", devices=1, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=callbacks, default_root_dir=str(out / "callback" / name))
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=dm)
-        seconds = time.perf_counter() - start
-        info = {}
-        if with_callback:
-            cb = callbacks[0]
-            info = dict(passes=len(cb.records), n_train=cb.n_train, pass_seconds=cb.pass_seconds,
-                        self_influence_mean=float(cb.self_influence.mean()),
-                        projection=cb.featurizer.projection, selected_params=cb.featurizer.num_params)
-        return seconds, {k: v.detach().clone() for k, v in module.state_dict().items()}, info, (module, dm)
-
+def run_callback_overhead(s: Settings, out: Path) -> dict:
+    """(a) ``cnn``: a plain LightningModule around ``DigitsCNN``, ``TracIn(last_layer=True, proj_dim=None)``;
+    (b) ``resnet``: ``lightning_attr.Classifier`` with a small timm ResNet-18 on 3x32x32 digits (validation every
+    epoch, AdamW + cosine), ``TracIn(last_layer=True)`` with its defaults otherwise. Both with ``every_n_epochs=1``,
+    fitted with and without the callback from the same seed, runs interleaved, best and median kept."""
     shutil.rmtree(out / "callback", ignore_errors=True)  # no stale files from an earlier run
-    results = {}
-    for name, setup in setups.items():
-        times: dict[bool, list[float]] = {False: [], True: []}
-        identical, max_diff, info = True, 0.0, {}
-        with quiet():
-            _, _, _, (module, dm) = fit(name, setup, False, -1)  # warm-up (imports, data, first-touch allocations)
-            for r in range(s.callback_repeats):
-                states = {}
-                for flag in (False, True):
-                    sec, states[flag], inf, _ = fit(name, setup, flag, r)
-                    times[flag].append(sec)
-                    info = inf or info
-                    log(f"callback overhead ({name}): fit {'with' if flag else 'without'} TracIn, run {r + 1}: "
-                        f"{sec:.2f} s")
-                identical &= all(torch.equal(states[False][k], states[True][k]) for k in states[False])
-                max_diff = max([max_diff] + [float((states[False][k].double() - states[True][k].double()).abs().max())
-                                             for k in states[False] if states[False][k].is_floating_point()])
-            # what one pass must at least do: read the (unshuffled) train split once (a cost the callback's input
-            # cache now pays only on the first pass), and one eval forward over it (no grad: the floor of a pass)
-            loading, forward = [], []
-            module.eval()
-            for _ in range(3):
-                start = time.perf_counter()
-                loaded = [b for b in DataLoader(dm.splits["train"], batch_size=s.batch_size)]
-                loading.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                with torch.no_grad():
-                    for b in loaded:
-                        module(b["image"])
-                forward.append(time.perf_counter() - start)
-        best_off, best_on = min(times[False]), min(times[True])
-        med_off, med_on = statistics.median(times[False]), statistics.median(times[True])
-        epoch = best_off / setup["epochs"]
-        results[name] = dict(description=setup["description"], epochs=setup["epochs"], repeats=s.callback_repeats,
-                             params=num_params(module), seconds_without=times[False], seconds_with=times[True],
-                             overhead_pct=100 * (best_on - best_off) / best_off,
-                             overhead_pct_median=100 * (med_on - med_off) / med_off,
-                             bit_identical=bool(identical), max_abs_weight_diff=max_diff, callback=info,
-                             train_split_read_seconds=min(loading), train_split_forward_seconds=min(forward),
-                             epoch_seconds=epoch, passes_seconds=sum(info["pass_seconds"]),
-                             outside_passes_seconds=best_on - best_off - sum(info["pass_seconds"]),
-                             # a pass needs at least one forward over the train split: its share of an epoch
-                             forward_floor_pct=100 * min(forward) / epoch)
-        log(f"callback overhead ({name}): {results[name]['overhead_pct']:.1f} % (best), "
-            f"{results[name]['overhead_pct_median']:.1f} % (median); bit-identical {identical}")
-    return results
+    return {name: callback_overhead(s, name, setup, out / "callback" / name)
+            for name, setup in callback_setups(s).items()}
+
+
+def callback_overhead(s: Settings, name: str, setup: dict, root: Path) -> dict:
+    """One set-up fitted without and with ``TimedTracIn`` (a fresh datamodule each fit), ``callback_repeats``
+    interleaved pairs after one warm-up fit."""
+
+    def fit(with_callback: bool, run: int) -> tuple[float, dict[str, Tensor], dict, Any]:
+        dm = ImageDataModule("digits", image_size=32 if setup["channels"] == 3 else s.image_size,
+                             channels=setup["channels"], batch_size=s.batch_size)
+        cbs = [TimedTracIn(dirpath=str(root / f"tracin-{run}"), **setup["callback"])] if with_callback else []
+        seconds, state, module = trainer_fit(setup["module"], dm, cbs, setup["epochs"], root)
+        info = {}
+        if cbs:
+            cb, featurizer = cbs[0], cbs[0].attribution.featurizer
+            info = dict(passes=len(cb.records), n_train=cb.attribution.n_train, pass_seconds=cb.pass_seconds,
+                        self_influence_mean=float(cb.self_influence.mean()),
+                        projection=featurizer.projection, selected_params=featurizer.num_params)
+        return seconds, state, info, (module, dm)
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    identical, max_diff, info = True, 0.0, {}
+    with quiet():
+        _, _, _, (module, dm) = fit(False, -1)  # warm-up (imports, data, first-touch allocations)
+        for r in range(s.callback_repeats):
+            states = {}
+            for flag in (False, True):
+                sec, states[flag], inf, _ = fit(flag, r)
+                times[flag].append(sec)
+                info = inf or info
+                log(f"callback overhead ({name}): fit {'with' if flag else 'without'} TracIn, run {r + 1}: {sec:.2f} s")
+            same, diff = weight_diff(states[False], states[True])
+            identical, max_diff = identical and same, max(max_diff, diff)
+        loading, forward = pass_floor(module, dm.splits["train"], s.batch_size)
+    off, on = Timed(seconds=times[False]), Timed(seconds=times[True])
+    epoch = off.best / setup["epochs"]
+    res = dict(description=setup["description"], epochs=setup["epochs"], repeats=s.callback_repeats,
+               params=num_params(module), seconds_without=off.seconds, seconds_with=on.seconds,
+               overhead_pct=100 * (on.best - off.best) / off.best,
+               overhead_pct_median=100 * (on.median - off.median) / off.median,
+               bit_identical=bool(identical), max_abs_weight_diff=max_diff, callback=info,
+               train_split_read_seconds=loading, train_split_forward_seconds=forward,
+               epoch_seconds=epoch, passes_seconds=sum(info["pass_seconds"]),
+               outside_passes_seconds=on.best - off.best - sum(info["pass_seconds"]),
+               # a pass needs at least one forward over the train split: its share of an epoch
+               forward_floor_pct=100 * forward / epoch)
+    log(f"callback overhead ({name}): {res['overhead_pct']:.1f} % (best), {res['overhead_pct_median']:.1f} % "
+        f"(median); bit-identical {identical}")
+    return res
+
+
+# ------------------------------------------------------------------------------ in-step TracIn overhead (issue 9)
+OVERHEAD_BASE = "no callback"
+OVERHEAD_CONFIGS: dict[str, dict[str, Any] | None] = {  # name: TracIn arguments (None: no callback)
+    OVERHEAD_BASE: None,
+    "in-step, last layer": dict(in_step=True, last_layer=True, num_queries=0),
+    "in-step, last layer, 8 queries": dict(in_step=True, last_layer=True),  # num_queries=8 (default): val split
+    "in-step, Linear + Conv2d": dict(in_step=True, module_types=["Linear", "Conv2d"], num_queries=0),
+    "passes, last layer, every epoch": dict(last_layer=True, num_queries=0),
+    "passes, last layer, every 3 epochs": dict(last_layer=True, num_queries=0, every_n_epochs=3),
+}
+
+
+def noisy_resnet_config(path: Path = NOISY_RESNET_CONFIG) -> tuple[dict, dict, int, int]:
+    """``(Classifier init_args, ImageDataModule init_args, seed_everything, trainer max_epochs)`` of the config."""
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    model, data = cfg["model"], cfg["data"]
+    if (model["class_path"], data["class_path"]) != ("lightning_attr.Classifier", "lightning_attr.ImageDataModule"):
+        raise ValueError(f"{path} no longer configures a Classifier on an ImageDataModule; update this benchmark.")
+    return (dict(model["init_args"]), dict(data["init_args"]), int(cfg.get("seed_everything", 0)),
+            int(cfg["trainer"]["max_epochs"]))
+
+
+@dataclass
+class OverheadRun(Timed):
+    """One configuration: ``time_once()`` fits a fresh ``Classifier(**model_args)`` from ``seed`` for ``epochs``
+    epochs on the shared datamodule with a fresh ``TracIn(**callback)`` (None: without) and records the seconds of
+    ``trainer.fit``, the final weights and the noisy-label AUC of the callback's ``self_influence``."""
+
+    name: str
+    callback: dict[str, Any] | None
+    model_args: dict[str, Any]
+    dm: ImageDataModule
+    seed: int
+    epochs: int
+    root: Path
+    states: list[dict[str, Tensor]] = field(default_factory=list)
+    aucs: list[float] = field(default_factory=list)
+    last: Any = None  # the callback of the last timed run
+
+    def fit(self, epochs: int, tag: str) -> tuple[float, dict[str, Tensor], Any]:
+        cb = None if self.callback is None else TracIn(dirpath=str(self.root / tag), progress_bar=False,
+                                                        **self.callback)
+        seconds, state, _ = trainer_fit(lambda: Classifier(**self.model_args), self.dm, [cb] if cb else [], epochs,
+                                        self.root / tag, self.seed)
+        return seconds, state, cb
+
+    def auc(self, cb: Any) -> float | None:
+        """Noisy-label AUC of ``cb.self_influence``; None without callback or before its first pass."""
+        if cb is None or cb.attribution is None or cb.attribution.grouping is None:
+            return None
+        return float(noisy_label_auc(cb.self_influence, self.dm.noisy_mask))
+
+    def time_once(self) -> float:
+        seconds, state, cb = self.fit(self.epochs, f"run-{len(self.seconds)}")
+        self.seconds.append(seconds)
+        self.states.append(state)
+        self.last = cb
+        self.aucs.append(self.auc(cb))
+        log(f"overhead: {self.name}: {seconds:.2f} s")
+        return seconds
+
+
+def run_in_step_overhead(s: Settings, out: Path) -> dict:
+    """The configurations of ``OVERHEAD_CONFIGS`` on the digits ResNet of ``configs/digits_noisy_resnet.yaml``: a
+    warm-up fit each, ``overhead_rounds`` interleaved timed rounds, then one ``overhead_auc_epochs``-epoch fit of the
+    baseline and of each in-step configuration (noisy-label AUC, bit-identical weights at the config's length)."""
+    model_args, data_args, seed, max_epochs = noisy_resnet_config()
+    full_epochs = s.overhead_auc_epochs or max_epochs
+    root = out / "overhead"
+    shutil.rmtree(root, ignore_errors=True)  # no stale files from an earlier run
+    dm = ImageDataModule(**data_args)
+    dm.setup()  # dataset preparation once, outside every timing
+    runs = [OverheadRun(name, cb, model_args, dm, seed, s.overhead_epochs, root / f"config-{i}")
+            for i, (name, cb) in enumerate(OVERHEAD_CONFIGS.items())]
+    with quiet():
+        for run in runs:
+            run.fit(s.overhead_warmup_epochs, "warm-up")
+        log(f"overhead: warm-up done ({s.overhead_warmup_epochs} epoch(s) per configuration)")
+        run_rounds(runs, s.overhead_rounds, log, "overhead ")
+        full = {}
+        for run in runs:
+            if run.callback is None or run.callback.get("in_step"):
+                seconds, state, cb = run.fit(full_epochs, "full")
+                full[run.name] = dict(seconds=seconds, state=state, auc=run.auc(cb))
+                log(f"overhead: {run.name}, {full_epochs} epochs: {seconds:.1f} s, AUC {run.auc(cb)}")
+    summary = overhead_summary(s, runs, full, dm)
+    return dict(config=str(NOISY_RESNET_CONFIG.relative_to(ROOT)), model=model_args, data=data_args, seed=seed,
+                params=num_params(Classifier(**model_args)), config_max_epochs=max_epochs, full_epochs=full_epochs,
+                **summary)
+
+
+def overhead_summary(s: Settings, runs: Sequence[OverheadRun], full: dict[str, dict], dm: ImageDataModule) -> dict:
+    """Per configuration: runs, best / median, overhead vs no callback, bit-identity, callback facts, AUCs."""
+    base = next(r for r in runs if r.callback is None)
+    rows = []
+    for run in runs:
+        same = [weight_diff(base.states[i], st) for i, st in enumerate(run.states)]
+        featurizer = run.last.attribution.featurizer if run.last is not None else None
+        row = dict(name=run.name, callback=run.callback, seconds=run.seconds, best=run.best, median=run.median,
+                   ratio=run.best / base.best, overhead_pct=100 * (run.best / base.best - 1),
+                   overhead_pct_median=100 * (run.median / base.median - 1),
+                   bit_identical=all(b for b, _ in same), max_abs_weight_diff=max(d for _, d in same),
+                   selected_params=featurizer.num_params if featurizer else None,
+                   selected_tensors=len(featurizer.params) if featurizer else None,
+                   passes=len(run.last.records) if run.last is not None else None,
+                   auc=run.aucs[-1] if run.aucs else None)
+        if run.name in full and run.callback is not None:
+            same_full, diff_full = weight_diff(full[OVERHEAD_BASE]["state"], full[run.name]["state"])
+            row.update(full_seconds=full[run.name]["seconds"], full_auc=full[run.name]["auc"],
+                       full_bit_identical=same_full, full_max_abs_weight_diff=diff_full)
+        rows.append(row)
+        log(f"overhead: {run.name}: best {run.best:.2f} s, overhead {row['overhead_pct']:.1f} %, "
+            f"bit-identical {row['bit_identical']}, AUC {row['auc']}")
+    return dict(epochs=s.overhead_epochs, rounds=s.overhead_rounds, warmup_epochs=s.overhead_warmup_epochs,
+                full_baseline_seconds=full[OVERHEAD_BASE]["seconds"], n_train=len(dm.splits["train"]),
+                n_noisy=int(dm.noisy_mask.sum()), rows=rows)
 
 
 # --------------------------------------------------------------------------------------------------------- report
@@ -963,6 +1015,19 @@ def verdicts(r: dict) -> list[dict]:
             TARGETS["callback_overhead_pct"], higher=False)
         out.append(dict(target=f"weights bit-identical with / without callback ({name})", value=cb["bit_identical"],
                         goal="True", met=bool(cb["bit_identical"])))
+    o = r.get("overhead")
+    for row in (o or {}).get("rows", []):
+        if not (row["callback"] or {}).get("in_step"):
+            continue
+        if row["callback"].get("last_layer"):
+            add(f"in-step TracIn overhead % ({row['name']}, best of {o['rounds']}, {o['epochs']} epochs)",
+                row["overhead_pct"], TARGETS["in_step_overhead_pct"], higher=False)
+            add(f"in-step TracIn noisy-label AUC ({row['name']}, {o['full_epochs']} epochs)", row.get("full_auc"),
+                TARGETS["in_step_auc"])
+        for key, when in (("bit_identical", f"{o['epochs']} epochs, every round"),
+                          ("full_bit_identical", f"{o['full_epochs']} epochs")):
+            out.append(dict(target=f"weights bit-identical with / without in-step TracIn ({row['name']}, {when})",
+                            value=row[key], goal="True", met=bool(row[key])))
     return out
 
 def fmt(v: Any, digits: int = 4) -> str:
@@ -975,169 +1040,235 @@ def fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def markdown(r: dict) -> str:
-    lines = [f"# Influence benchmark ({'quick' if r['settings'].get('quick') else 'full'} run)", "",
+def md_header(r: dict) -> list[str]:
+    """Title, command, wall time and environment."""
+    size = "smoke" if r["settings"].get("smoke") else "quick" if r["settings"].get("quick") else "full"
+    lines = [f"# Influence benchmark ({size} run)", "",
              f"Command: `{r['command']}`  ", f"Wall time: {r['wall_seconds']:.0f} s; {r['environment']['device']}, "
              f"torch {r['environment']['torch']} ({r['environment']['threads']} threads), captum "
              f"{r['environment']['captum']}, traker {r['environment']['traker']}; load average at start / end: "
              f"{r['environment']['load_start']} / {r['environment']['load_end']}", ""]
-    m = r["model"]
-    lines += [f"Model: `DigitsCNN` on 1x{m['image_size']}x{m['image_size']} digits, {m['params']} parameters; "
-              f"{m['n_train']} train / {m['n_val']} val examples. Checkpoints (SGD, momentum 0.9):", "",
-              "| checkpoint | lr | train acc | val acc |", "|---|---|---|---|"]
+    return lines
+
+
+def md_model(m: dict) -> list[str]:
+    """The CNN and its checkpoints."""
+    lines = [f"Model: `DigitsCNN` on 1x{m['image_size']}x{m['image_size']} digits, {m['params']} parameters; "
+             f"{m['n_train']} train / {m['n_val']} val examples. Checkpoints (SGD, momentum 0.9):", "",
+             "| checkpoint | lr | train acc | val acc |", "|---|---|---|---|"]
     lines += [f"| {c['epoch']} | {c['lr']:g} | {c['train_acc']:.3f} | {c['val_acc']:.3f} |" for c in m["checkpoints"]]
-    if "tracin" in r:
-        t = r["tracin"]
-        lines += ["", f"## TracIn-CP agreement ({t['n_train']} train x {t['n_query']} val queries, {t['checkpoints']} "
-                  "checkpoints)", "",
-                  "| ours | reference | Spearman | Spearman per query | max rel err | top-10 overlap |",
-                  "|---|---|---|---|---|---|"]
-        for key, ours, ref in (("exact", "exact, all params", "Captum TracInCP (all layers)"),
-                               ("last_layer", "last_layer=True (fc2 weight+bias)", "Captum TracInCPFast(fc2)"),
-                               ("last_layer_weight_only", "fc2.weight only (factored)", "Captum TracInCPFast(fc2)")):
-            a = t[key]
-            lines.append(f"| {ours} | {ref} | {fmt(a['spearman'], 6)} | {fmt(a['spearman_per_query'], 6)} | "
-                         f"{fmt(a['max_rel_err'])} | {fmt(a['top10_overlap'], 3)} |")
-        sk = t["sketch"]
-        lines += ["", "max rel err = max |ours - ref| / max |ref|.", "",
-                  f"Projected TracIn-CP (k={sk['proj_dim']}, all params) against our exact TracIn-CP (sketch quality); "
-                  f"`projection=\"auto\"` (the default) resolves to `{sk['default']}` here:", "",
-                  "| projection | features | seed | Spearman vs exact | Spearman per query | top-10 overlap | seconds |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {proj_label(row['projection'], sk['default'])} | {row['feature_dim']} | {row['seed']} | "
-                  f"{fmt(row['spearman'])} | {fmt(row['spearman_per_query'])} | {fmt(row['top10_overlap'], 3)} | "
-                  f"{row['seconds']:.1f} |" for row in sk["rows"]]
-    if "trak" in r:
-        t = r["trak"]
-        lines += ["", f"## TRAK agreement ({t['n_train']} train x {t['n_query']} val queries)", "",
-                  f"(a) No projection, classifier layer only ({t['noproj'][0]['params']} params; ours "
-                  "`parameters=['fc2.*'], proj_dim=None` vs traker `NoOpProjector` + `grad_wrt`), the same absolute "
-                  "damping. fp64 = the same scores from our features with X^T X and the solve in float64. "
-                  "Ours re-weighted = ours with traker's per-checkpoint weights 1 / mean|(X_c^T X_c + lambda I)^-1| "
-                  "(identical to ours for one checkpoint).", "",
-                  "| damping (rel.) | checkpoints | ours vs fp64 | traker vs fp64 (1 scalar) | ours re-weighted vs "
-                  "traker (1 scalar) | Spearman ours vs traker | Spearman re-weighted vs traker |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in t["noproj"]:
-            tv = row["traker_vs_fp64_after_scale"]
-            lines.append(f"| {row['damping']:g} | {row['checkpoints']} | {fmt(row['ours_vs_fp64'])} | "
-                         f"{fmt(tv) if tv is not None else ''} | {fmt(row['ours_vs_traker_after_scale'])} | "
-                         f"{fmt(row['plain_spearman'], 6)} | {fmt(row['spearman_reweighted'], 6)} |")
-        p = t["proj"]
-        ks = [blk["proj_dim"] for blk in p["per_k"]]
-        dims = "; ".join(f"k={blk['proj_dim']}: " + ", ".join(f"{pr} {d}" for pr, d in blk["feature_dims"].items())
-                         for blk in p["per_k"])
-        lines += ["", f"(b) Projected, all {p['params']} params, {p['checkpoints']} checkpoints, {p['n_train']} train "
-                  f"examples, relative damping {p['damping']:g}, k = {', '.join(map(str, ks))}: ours count sketch "
-                  f"(`projection=\"auto\"` resolves to `{p['default']}`), Kronecker (Rademacher), dense (Rademacher); "
-                  "traker (BasicProjector, Gaussian, one block). exact = unprojected TRAK on all parameters (n x n "
-                  f"solve) with the absolute damping of a k-dim sketch. Feature dims: {dims}. Rows `ours X seed 0` vs "
-                  "`ours X seed 1` are the noise floor (two draws of the same sketch).", "",
-                  "| a | b | " + " | ".join(f"k={k} Spearman | k={k} per query | k={k} top-10" for k in ks) + " |",
-                  "|---|---|" + "---|---|---|" * len(ks)]
-        def label(n: str) -> str:
-            return n.replace(f"ours {p['default']}", f"ours {p['default']} (default)")
+    return lines
 
-        for i, row in enumerate(p["per_k"][0]["rows"]):
-            cells = []
-            for blk in p["per_k"]:
-                rw = blk["rows"][i]
-                cells += [fmt(rw["spearman"]), fmt(rw["spearman_per_query"]), fmt(rw["top10_overlap"], 3)]
-            lines.append(f"| {label(row['a'])} | {label(row['b'])} | " + " | ".join(cells) + " |")
-        for name in p["per_k"][0]["spearman_reweighted_vs_traker"]:
-            lines.append(f"| {label(name)} seed 0, re-weighted like traker | traker seed 0 | " + " | ".join(
-                f"{fmt(blk['spearman_reweighted_vs_traker'][name])} | |" for blk in p["per_k"]) + " |")
-        secs = "; ".join(f"k={blk['proj_dim']}: " + ", ".join(f"{n} {v:.1f}" for n, v in blk["seconds"].items())
-                         for blk in p["per_k"])
-        lines += ["", f"Seconds (3 checkpoints, train + query features and scores): {secs}; exact reference "
-                  f"{p['exact_seconds']:.1f}."]
-    if "throughput" in r:
-        t = r["throughput"]
-        lines += ["", f"## Throughput (checkpoint {t['checkpoint']}, all {t['params']} params, k={t['proj_dim']}, "
-                  f"batch {t['rows'][0]['batch_size']}, best of {t['rows'][0]['rounds']} rounds; `projection=\"auto\"` "
-                  f"= `{t['default']}`)", "",
-                  "| method | examples/s | examples per round | what it includes |", "|---|---|---|---|"]
-        lines += [f"| {row['method']} | {row['examples_per_s']:.1f} | {row['examples']} | {row['note']} |"
-                  for row in t["rows"]]
-        lines += ["", f"{CAPTUM_FASTEST} = the faster of the two Captum rows.", "", "| ratio | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in t["ratios"].items()]
-    for name, c in (r.get("callback") or {}).items():
-        lines += ["", f"## TracIn callback overhead: {name} ({c['epochs']} epochs, best of {c['repeats']})", "",
-                  f"{c['description']}; {c['params']} parameters ({c['callback'].get('selected_params')} in the "
-                  f"classifier); `projection=\"auto\"` resolved to `{c['callback'].get('projection')}`, unused with "
-                  "`last_layer=True` (exact factors a, g are stored).", "",
-                  "| without (s) | with (s) | overhead (best) | overhead (median) | bit-identical weights |",
-                  "|---|---|---|---|---|",
-                  f"| {', '.join(f'{v:.2f}' for v in c['seconds_without'])} | "
-                  f"{', '.join(f'{v:.2f}' for v in c['seconds_with'])} | {c['overhead_pct']:.1f} % | "
-                  f"{c['overhead_pct_median']:.1f} % | {c['bit_identical']} (max diff {c['max_abs_weight_diff']:g}) |",
-                  "", f"Each pass (last run): {', '.join(f'{v:.3f}' for v in c['callback']['pass_seconds'])} s over "
-                  f"{c['callback']['n_train']} examples; reading the train split once through a DataLoader takes "
-                  f"{c['train_split_read_seconds']:.3f} s and one eval forward over it (no grad) "
-                  f"{c['train_split_forward_seconds']:.3f} s; one epoch without the callback takes about "
-                  f"{c['epoch_seconds']:.3f} s, so a pass that is one forward costs {c['forward_floor_pct']:.0f} % of "
-                  f"an epoch (the floor of the overhead with a pass every epoch). Passes sum to "
-                  f"{c['passes_seconds']:.2f} s; best with - best without - passes = {c['outside_passes_seconds']:.2f} "
-                  "s (overhead outside the passes, plus noise)."]
-    lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
+
+def md_tracin(t: dict) -> list[str]:
+    """TracIn-CP agreement with Captum and sketch quality."""
+    lines = ["", f"## TracIn-CP agreement ({t['n_train']} train x {t['n_query']} val queries, {t['checkpoints']} "
+             "checkpoints)", "",
+             "| ours | reference | Spearman | Spearman per query | max rel err | top-10 overlap |",
+             "|---|---|---|---|---|---|"]
+    for key, ours, ref in (("exact", "exact, all params", "Captum TracInCP (all layers)"),
+                           ("last_layer", "last_layer=True (fc2 weight+bias)", "Captum TracInCPFast(fc2)"),
+                           ("last_layer_weight_only", "fc2.weight only (factored)", "Captum TracInCPFast(fc2)")):
+        a = t[key]
+        lines.append(f"| {ours} | {ref} | {fmt(a['spearman'], 6)} | {fmt(a['spearman_per_query'], 6)} | "
+                     f"{fmt(a['max_rel_err'])} | {fmt(a['top10_overlap'], 3)} |")
+    sk = t["sketch"]
+    lines += ["", "max rel err = max |ours - ref| / max |ref|.", "",
+              f"Projected TracIn-CP (k={sk['proj_dim']}, all params) against our exact TracIn-CP (sketch quality); "
+              f"`projection=\"auto\"` (the default) resolves to `{sk['default']}` here:", "",
+              "| projection | features | seed | Spearman vs exact | Spearman per query | top-10 overlap | seconds |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {proj_label(row['projection'], sk['default'])} | {row['feature_dim']} | {row['seed']} | "
+              f"{fmt(row['spearman'])} | {fmt(row['spearman_per_query'])} | {fmt(row['top10_overlap'], 3)} | "
+              f"{row['seconds']:.1f} |" for row in sk["rows"]]
+    return lines
+
+
+def md_trak(t: dict) -> list[str]:
+    """TRAK agreement with traker (no projection; projected) and exact TRAK."""
+    lines = ["", f"## TRAK agreement ({t['n_train']} train x {t['n_query']} val queries)", "",
+             f"(a) No projection, classifier layer only ({t['noproj'][0]['params']} params; ours "
+             "`parameters=['fc2.*'], proj_dim=None` vs traker `NoOpProjector` + `grad_wrt`), the same absolute "
+             "damping. fp64 = the same scores from our features with X^T X and the solve in float64. "
+             "Ours re-weighted = ours with traker's per-checkpoint weights 1 / mean|(X_c^T X_c + lambda I)^-1| "
+             "(identical to ours for one checkpoint).", "",
+             "| damping (rel.) | checkpoints | ours vs fp64 | traker vs fp64 (1 scalar) | ours re-weighted vs "
+             "traker (1 scalar) | Spearman ours vs traker | Spearman re-weighted vs traker |",
+             "|---|---|---|---|---|---|---|"]
+    for row in t["noproj"]:
+        tv = row["traker_vs_fp64_after_scale"]
+        lines.append(f"| {row['damping']:g} | {row['checkpoints']} | {fmt(row['ours_vs_fp64'])} | "
+                     f"{fmt(tv) if tv is not None else ''} | {fmt(row['ours_vs_traker_after_scale'])} | "
+                     f"{fmt(row['plain_spearman'], 6)} | {fmt(row['spearman_reweighted'], 6)} |")
+    p = t["proj"]
+    ks = [blk["proj_dim"] for blk in p["per_k"]]
+    dims = "; ".join(f"k={blk['proj_dim']}: " + ", ".join(f"{pr} {d}" for pr, d in blk["feature_dims"].items())
+                     for blk in p["per_k"])
+    lines += ["", f"(b) Projected, all {p['params']} params, {p['checkpoints']} checkpoints, {p['n_train']} train "
+              f"examples, relative damping {p['damping']:g}, k = {', '.join(map(str, ks))}: ours count sketch "
+              f"(`projection=\"auto\"` resolves to `{p['default']}`), Kronecker (Rademacher), dense (Rademacher); "
+              "traker (BasicProjector, Gaussian, one block). exact = unprojected TRAK on all parameters (n x n "
+              f"solve) with the absolute damping of a k-dim sketch. Feature dims: {dims}. Rows `ours X seed 0` vs "
+              "`ours X seed 1` are the noise floor (two draws of the same sketch).", "",
+              "| a | b | " + " | ".join(f"k={k} Spearman | k={k} per query | k={k} top-10" for k in ks) + " |",
+              "|---|---|" + "---|---|---|" * len(ks)]
+    def label(n: str) -> str:
+        return n.replace(f"ours {p['default']}", f"ours {p['default']} (default)")
+
+    for i, row in enumerate(p["per_k"][0]["rows"]):
+        cells = []
+        for blk in p["per_k"]:
+            rw = blk["rows"][i]
+            cells += [fmt(rw["spearman"]), fmt(rw["spearman_per_query"]), fmt(rw["top10_overlap"], 3)]
+        lines.append(f"| {label(row['a'])} | {label(row['b'])} | " + " | ".join(cells) + " |")
+    for name in p["per_k"][0]["spearman_reweighted_vs_traker"]:
+        lines.append(f"| {label(name)} seed 0, re-weighted like traker | traker seed 0 | " + " | ".join(
+            f"{fmt(blk['spearman_reweighted_vs_traker'][name])} | |" for blk in p["per_k"]) + " |")
+    secs = "; ".join(f"k={blk['proj_dim']}: " + ", ".join(f"{n} {v:.1f}" for n, v in blk["seconds"].items())
+                     for blk in p["per_k"])
+    lines += ["", f"Seconds (3 checkpoints, train + query features and scores): {secs}; exact reference "
+              f"{p['exact_seconds']:.1f}."]
+    return lines
+
+
+def md_throughput(t: dict) -> list[str]:
+    """Throughput of one attribution pass, and the ratios."""
+    lines = ["", f"## Throughput (checkpoint {t['checkpoint']}, all {t['params']} params, k={t['proj_dim']}, "
+             f"batch {t['rows'][0]['batch_size']}, best of {t['rows'][0]['rounds']} rounds; `projection=\"auto\"` "
+             f"= `{t['default']}`)", "",
+             "| method | examples/s | examples per round | what it includes |", "|---|---|---|---|"]
+    lines += [f"| {row['method']} | {row['examples_per_s']:.1f} | {row['examples']} | {row['note']} |"
+              for row in t["rows"]]
+    lines += ["", f"{CAPTUM_FASTEST} = the faster of the two Captum rows.", "", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in t["ratios"].items()]
+    return lines
+
+
+def md_callback(name: str, c: dict) -> list[str]:
+    """One set-up of the callback overhead part."""
+    lines = ["", f"## TracIn callback overhead: {name} ({c['epochs']} epochs, best of {c['repeats']})", "",
+             f"{c['description']}; {c['params']} parameters ({c['callback'].get('selected_params')} in the "
+             f"classifier); `projection=\"auto\"` resolved to `{c['callback'].get('projection')}`, unused with "
+             "`last_layer=True` (exact factors a, g are stored).", "",
+             "| without (s) | with (s) | overhead (best) | overhead (median) | bit-identical weights |",
+             "|---|---|---|---|---|",
+             f"| {', '.join(f'{v:.2f}' for v in c['seconds_without'])} | "
+             f"{', '.join(f'{v:.2f}' for v in c['seconds_with'])} | {c['overhead_pct']:.1f} % | "
+             f"{c['overhead_pct_median']:.1f} % | {c['bit_identical']} (max diff {c['max_abs_weight_diff']:g}) |",
+             "", f"Each pass (last run): {', '.join(f'{v:.3f}' for v in c['callback']['pass_seconds'])} s over "
+             f"{c['callback']['n_train']} examples; reading the train split once through a DataLoader takes "
+             f"{c['train_split_read_seconds']:.3f} s and one eval forward over it (no grad) "
+             f"{c['train_split_forward_seconds']:.3f} s; one epoch without the callback takes about "
+             f"{c['epoch_seconds']:.3f} s, so a pass that is one forward costs {c['forward_floor_pct']:.0f} % of "
+             f"an epoch (the floor of the overhead with a pass every epoch). Passes sum to "
+             f"{c['passes_seconds']:.2f} s; best with - best without - passes = {c['outside_passes_seconds']:.2f} "
+             "s (overhead outside the passes, plus noise)."]
+    return lines
+
+
+def md_overhead(o: dict) -> list[str]:
+    """The in-step TracIn overhead part (issue 9)."""
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in o["model"].items())
+    data = ", ".join(f"{k}={v!r}" for k, v in o["data"].items())
+    lines = ["", f"## In-step TracIn overhead ({o['epochs']} epochs, best of {o['rounds']} interleaved rounds)", "",
+             f"As `{o['config']}` configures them: `Classifier({kwargs})` ({o['params']} parameters) on "
+             f"`ImageDataModule({data})`, seed {o['seed']}; {o['n_noisy']} of {o['n_train']} train labels flipped. "
+             "`trainer.fit` "
+             "wall time with `Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)` on the "
+             "CPU; "
+             f"the datamodule is built once, each configuration is warmed up once ({o['warmup_epochs']} epoch) before "
+             "the timed rounds. Bit-identical: the final weights equal those of the run without callback of the same "
+             f"round (same seed). AUC: noisy-label AUC of `self_influence` after the last timed run, and after one "
+             f"{o['full_epochs']}-epoch run (the config's `max_epochs` is {o['config_max_epochs']}; without callback "
+             f"it took {o['full_baseline_seconds']:.1f} s).", "",
+             "| configuration | TracIn arguments | selected params | fit seconds (runs) | best | "
+             f"vs no callback (best) | overhead (median) | bit-identical weights | AUC after {o['epochs']} epochs | "
+             f"AUC after {o['full_epochs']} epochs (s, bit-identical) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in o["rows"]:
+        args = ", ".join(f"{k}={v!r}" for k, v in row["callback"].items()) if row["callback"] else "-"
+        auc = fmt(row["auc"], 4) if row["auc"] is not None else "-"
+        full = (f"{fmt(row['full_auc'], 4)} ({row['full_seconds']:.1f} s, {row['full_bit_identical']})"
+                if "full_auc" in row else "")
+        lines.append(f"| {row['name']} | `{args}` | {row['selected_params'] or '-'} | "
+                     f"{', '.join(f'{v:.2f}' for v in row['seconds'])} | {row['best']:.2f} | "
+                     f"{row['ratio']:.3f}x ({row['overhead_pct']:+.1f} %) | {row['overhead_pct_median']:+.1f} % | "
+                     f"{row['bit_identical']} "
+                     f"(max diff {row['max_abs_weight_diff']:g}) | {auc} | {full} |")
+    return lines
+
+
+def md_targets(verdicts: list[dict]) -> list[str]:
+    lines = ["", "## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {v['target']} | {fmt(v['value'])} | {v['goal']} | {'yes' if v['met'] else '**no**'} |"
-              for v in r["verdicts"]]
-    return "\n".join(lines) + "\n"
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    return obj
+              for v in verdicts]
+    return lines
 
 
-def load_now() -> str:
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+SECTIONS = (("tracin", md_tracin), ("trak", md_trak), ("throughput", md_throughput))
+
+
+def markdown(r: dict) -> str:
+    lines = md_header(r) + (md_model(r["model"]) if "model" in r else [])
+    for key, section in SECTIONS:
+        if key in r:
+            lines += section(r[key])
+    for name, c in (r.get("callback") or {}).items():
+        lines += md_callback(name, c)
+    if "overhead" in r:
+        lines += md_overhead(r["overhead"])
+    return "\n".join(lines + md_targets(r["verdicts"])) + "\n"
+
 
 
 # ----------------------------------------------------------------------------------------------------------- main
-PARTS = ("tracin", "trak", "throughput", "callback")
+PARTS = ("tracin", "trak", "throughput", "callback", "overhead")
+CNN_PARTS = ("tracin", "trak", "throughput")  # the parts that read the CNN checkpoints
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="artifacts/bench/influence", help="output folder")
-    parser.add_argument("--quick", action="store_true", help="smoke run: smaller sizes, one round")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller sizes, one round")
+    size.add_argument("--smoke", action="store_true", help="smoke test: minimal sizes, one round (about 1-2 minutes)")
+    parser.add_argument("--parts", "--only", dest="parts", default=",".join(PARTS),
+                        help=f"comma-separated subset of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = set(parts) - set(PARTS)
-    if unknown:
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown or not args.parts:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    return args
 
-    torch.set_num_threads(args.threads)
-    s = Settings.quick() if args.quick else Settings()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    import captum
-    import trak
 
-    results: dict[str, Any] = dict(
-        command="python benchmarks/influence.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        settings=dict(asdict(s), quick=args.quick, parts=parts, seed=args.seed), targets=TARGETS,
-        environment=dict(device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-                         torch=torch.__version__, captum=captum.__version__,
-                         traker=getattr(trak, "__version__", "0.3.2"), threads=torch.get_num_threads(),
-                         python=platform.python_version(), lightning_attr=getattr(lightning_attr, "__version__", "?"),
-                         load_start=load_now()))
-    start = time.perf_counter()
-    log(f"settings: {asdict(s)}")
-    data = Data.load(s.image_size)
-    _, ckpts = train_checkpoints(data, s, out, args.seed)
-    results["model"] = dict(image_size=s.image_size, params=num_params(DigitsCNN(s.image_size)),
-                            n_train=data.x_train.shape[0], n_val=data.x_val.shape[0],
-                            checkpoints=[dict(epoch=c.epoch, lr=c.lr, train_acc=c.train_acc, val_acc=c.val_acc,
-                                              path=c.path) for c in ckpts])
+def version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed(package)
+    except PackageNotFoundError:  # the `bench` extra is needed by the agreement and throughput parts only
+        return "not installed"
+
+
+def environment() -> dict:
+    return dict(device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+                torch=torch.__version__, captum=version("captum"), traker=version("traker"),
+                threads=torch.get_num_threads(), python=platform.python_version(),
+                lightning_attr=getattr(lightning_attr, "__version__", "?"), load_start=load_now())
+
+
+def run_parts(s: Settings, parts: Sequence[str], out: Path, seed: int) -> dict:
+    """The requested parts; the CNN and its checkpoints only when a part reads them."""
+    results: dict[str, Any] = {}
+    if set(parts) & set(CNN_PARTS):
+        data = DigitsData.load(s.image_size)
+        _, ckpts = train_checkpoints(data, s, out, seed)
+        results["model"] = dict(image_size=s.image_size, params=num_params(DigitsCNN(s.image_size)),
+                                n_train=data.x_train.shape[0], n_val=data.x_val.shape[0],
+                                checkpoints=[dict(ck.info(), path=ck.path) for ck in ckpts])
     if "tracin" in parts:
         results["tracin"] = run_tracin_agreement(s, data, ckpts)
     if "trak" in parts:
@@ -1146,15 +1277,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results["throughput"] = run_throughput(s, data, ckpts, out)
     if "callback" in parts:
         results["callback"] = run_callback_overhead(s, out)
+    if "overhead" in parts:
+        results["overhead"] = run_in_step_overhead(s, out)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    s = Settings.smoke() if args.smoke else Settings.quick() if args.quick else Settings()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = dict(
+        command="python benchmarks/influence.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        settings=dict(asdict(s), quick=args.quick, smoke=args.smoke, parts=args.parts, seed=args.seed),
+        targets=TARGETS, environment=environment())
+    start = time.perf_counter()
+    log(f"settings: {asdict(s)}")
+    results.update(run_parts(s, args.parts, out, args.seed))
     results["verdicts"] = verdicts(results)
     results["wall_seconds"] = time.perf_counter() - start
     results["environment"]["load_end"] = load_now()
 
     md = markdown(results)
     print(md)
-    atomic_write(str(out / "results.json"),
-                 lambda tmp: Path(tmp).write_text(json.dumps(_jsonable(results), indent=2, default=float)))
-    atomic_write(str(out / "results.md"), lambda tmp: Path(tmp).write_text(md))
+    write_json(out / "results.json", results)
+    write_text(out / "results.md", md)
     log(f"wrote {out / 'results.json'} and {out / 'results.md'} ({results['wall_seconds']:.0f} s)")
     return results
 

@@ -180,7 +180,10 @@ class InfluenceCallback(VariantCallback):
     # ------------------------------------------------------------------------------------------------------ answers
     def _results(self) -> Attribution:
         if self.attribution is None or self.attribution.grouping is None:
-            raise RuntimeError("no attribution pass has run yet; fit with the callback first.")
+            s = self.schedule
+            raise RuntimeError(f"no attribution pass has run: fit with the callback first (its schedule every_n_epochs="
+                               f"{s.every_n_epochs}, every_n_steps={s.every_n_steps}, at_fit_end={s.at_fit_end} may "
+                               "not have fired in a short fit: `at_fit_end=True` adds a pass at the end).")
         return self.attribution
 
     @property
