@@ -1,13 +1,15 @@
 """lightning-attr: amortized feature attribution and training-data attribution for PyTorch Lightning."""
 
-from lightning_attr.data import ImageDataModule, OracleDataModule
-from lightning_attr.games import PatchGame
-from lightning_attr.modules import AmortizedExplainer, Classifier, create_timm_model
-
 # Importable for existing callers, not advertised: use ``lightning_attr.estimators`` / ``lightning_attr.data``.
 from lightning_attr import estimators  # noqa: F401, E402
-from lightning_attr.data import digits_dataset  # noqa: F401, E402
+from lightning_attr.data import (
+    ImageDataModule,
+    OracleDataModule,
+    digits_dataset,  # noqa: F401, E402
+)
 from lightning_attr.estimators import get_estimator  # noqa: F401, E402
+from lightning_attr.games import PatchGame
+from lightning_attr.modules import AmortizedExplainer, Classifier, create_timm_model
 
 __version__ = "0.1.0"
 

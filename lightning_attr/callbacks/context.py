@@ -3,16 +3,18 @@ rates, the collectives of its strategy, and the schedule of passes (at most one 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from lightning_attr.influence.runner import AttributionData
 
-__all__ = ["StrategyComm", "PassSchedule", "datamodule_attr", "split", "train_data", "param_rates", "selected_rates"]
+__all__ = ["StrategyComm", "PassSchedule", "datamodule_attr", "split", "train_data", "param_rates", "selected_rates",
+           "progress"]
 
 
 class StrategyComm:
@@ -100,3 +102,9 @@ def selected_rates(rates: dict[str, float], names: list[str]) -> dict[str, float
         raise ValueError(f"parameters {missing[:5]} are in no optimizer param group, so TracIn has no learning rate "
                          "for them; exclude them with `parameters=` / `module_types=`.")
     return {n: rates[n] for n in names}
+
+
+def progress(trainer: L.Trainer, desc: str) -> Callable[[Iterable, int], Iterable]:
+    """A tqdm bar on rank zero when the trainer shows one: ``bar(iterable, total)``."""
+    show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+    return lambda it, total: tqdm(it, desc=desc, total=total, disable=not show, leave=False, dynamic_ncols=True)

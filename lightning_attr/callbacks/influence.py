@@ -14,13 +14,20 @@ from typing import Any, ClassVar, Literal, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 from typing_extensions import override
 
-from lightning_attr.callbacks.context import PassSchedule, StrategyComm, param_rates, selected_rates, train_data
+from lightning_attr.callbacks.context import (
+    PassSchedule,
+    StrategyComm,
+    param_rates,
+    progress,
+    selected_rates,
+    train_data,
+)
+from lightning_attr.callbacks.deprecated import GroupAliases
 from lightning_attr.callbacks.reporting import Reporter
 from lightning_attr.callbacks.variants import VariantCallback
 from lightning_attr.influence.attribution import Attribution, Normalize
@@ -36,7 +43,7 @@ from lightning_attr.runs import run_directory
 __all__ = ["InfluenceCallback"]
 
 
-class InfluenceCallback(VariantCallback):
+class InfluenceCallback(GroupAliases, VariantCallback):
     """Base of :class:`TracIn` and :class:`TRAK`; see :class:`TracIn` for the arguments."""
 
     method_class: ClassVar[type[AttributionMethod]]
@@ -92,12 +99,11 @@ class InfluenceCallback(VariantCallback):
             return
         if self.attribution is None or self.attribution.module is not pl_module:
             directory = self.dirpath or os.path.join(run_directory(trainer), self.prefix)
-            for cb in trainer.callbacks:
-                other = getattr(cb, "attribution", None)
-                if cb is not self and isinstance(cb, InfluenceCallback) and other and other.store.directory == \
-                        os.path.abspath(directory):
-                    raise ValueError(f"{type(self).__name__} and {type(cb).__name__} would both write to {directory} "
-                                     f"(prefix {self.prefix!r}): give each callback its own `prefix=` (or `dirpath=`).")
+            taken = {cb.directory: cb for cb in trainer.callbacks
+                     if cb is not self and isinstance(cb, InfluenceCallback) and cb.attribution is not None}
+            if os.path.abspath(directory) in taken:
+                raise ValueError(f"{type(self).__name__} and {type(taken[os.path.abspath(directory)]).__name__} would "
+                                 f"both write to {directory} (prefix {self.prefix!r}): give each its own `prefix=`.")
             self.attribution = Attribution(self.method, pl_module, self.gradients, ResultsStore(directory),
                                            self.normalize, self.keys)
         self._trainer = trainer
@@ -139,8 +145,7 @@ class InfluenceCallback(VariantCallback):
 
     # --------------------------------------------------------------------------------------------------------- pass
     def _bar(self, trainer: L.Trainer, desc: str):
-        show = self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None
-        return lambda it, total: tqdm(it, desc=desc, total=total, disable=not show, leave=False, dynamic_ncols=True)
+        return progress(trainer, desc) if self.progress_bar else None
 
     def run_pass(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """One attribution pass at the current weights (all ranks), then storage and logging (rank zero)."""
@@ -215,20 +220,6 @@ class InfluenceCallback(VariantCallback):
         """The results a fit with this callback stored in ``dirpath`` (any process or world size), checked against
         their recorded checksums, ready for ``self_influence()``, ``scores(query)`` and ``topk(query, k)``."""
         return Attribution.load(dirpath, module, normalize, method=cls.method_class.name)
-
-    def group_scores(self, query: DataLoader | Dataset, batch_size: int = 256, block: int = 4096) -> Tensor:
-        rank_zero_deprecation("`group_scores(query)` is deprecated: use `scores(query, normalize='sum')`.")
-        return self.scores(query, "sum", batch_size, block)
-
-    @property
-    def group_self_influence(self) -> Tensor:
-        rank_zero_deprecation("`group_self_influence` is deprecated: use `attribution.self_influence('sum')`.")
-        return self._results().self_influence("sum")
-
-    @property
-    def group_mean_self_influence(self) -> Tensor:
-        rank_zero_deprecation("`group_mean_self_influence` is deprecated: use `self_influence` (normalize='mean').")
-        return self._results().self_influence("mean")
 
     # -------------------------------------------------------------------------------------------------------- state
     @override

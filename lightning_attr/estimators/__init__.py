@@ -9,15 +9,20 @@ Modules: :mod:`~lightning_attr.estimators.base` (the ``Game`` / ``Estimator`` pr
 """
 
 from lightning_attr.estimators.banzhaf import banzhaf
-from lightning_attr.estimators.base import get_estimator
-from lightning_attr.estimators.exact import exact_banzhaf, exact_lime, exact_shapley, exact_values
+
+# Importable here for existing callers, not advertised (their homes are base.py and exact.py).
+from lightning_attr.estimators.base import ESTIMATORS, Estimator, Game, get_estimator  # noqa: F401, E402
+from lightning_attr.estimators.exact import (  # noqa: F401, E402
+    EXACT_FOR_TARGET,
+    MAX_EXACT_PLAYERS,
+    exact_banzhaf,
+    exact_lime,
+    exact_shapley,
+    exact_values,
+)
 from lightning_attr.estimators.kernel import kernel_shap, unbiased_kernel_shap
 from lightning_attr.estimators.lime import lime
 from lightning_attr.estimators.permutation import permutation_shapley
-
-# Importable here for existing callers, not advertised (their homes are base.py and exact.py).
-from lightning_attr.estimators.base import ESTIMATORS, Estimator, Game  # noqa: F401, E402
-from lightning_attr.estimators.exact import EXACT_FOR_TARGET, MAX_EXACT_PLAYERS  # noqa: F401, E402
 
 __all__ = [
     "banzhaf",

@@ -12,9 +12,12 @@ from lightning_attr.evaluation.data import (
     random_subsets,
     recall_at,
 )
-from lightning_attr.evaluation.features import amortized_row, equal_error_budget, per_example_curve
-
-from lightning_attr.evaluation.features import attribution_errors  # noqa: F401, E402  (importable, not advertised)
+from lightning_attr.evaluation.features import (
+    amortized_row,
+    attribution_errors,  # noqa: F401, E402  (importable, not advertised)
+    equal_error_budget,
+    per_example_curve,
+)
 
 __all__ = [
     "per_example_curve",
