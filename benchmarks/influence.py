@@ -137,7 +137,7 @@ class Settings(CNNTraining):
     callback_repeats: int = 3
     resnet_epochs: int = 5
     overhead_epochs: int = 6  # epochs of each timed fit of the in-step overhead part
-    overhead_rounds: int = 3  # interleaved rounds (best of)
+    overhead_rounds: int = 5  # interleaved rounds (best of)
     overhead_warmup_epochs: int = 1  # one untimed fit of each configuration first
     overhead_auc_epochs: int | None = None  # the full run for the AUC (None: the config's max_epochs, 12)
 
@@ -876,6 +876,28 @@ def noisy_resnet_config(path: Path = NOISY_RESNET_CONFIG) -> tuple[dict, dict, i
             int(cfg["trainer"]["max_epochs"]))
 
 
+TIMED_HOOKS = ("setup", "on_train_start", "on_train_batch_start", "on_after_backward", "on_train_batch_end",
+               "on_train_epoch_end", "on_train_end")
+
+
+def time_hooks(cb: Any) -> dict[str, float]:
+    """Wrap the callback's training hooks so the seconds spent inside them add up in the returned dict (the forward
+    and tensor hooks in-step TracIn places on the selected layers are not counted: they only keep references)."""
+    spent = {"seconds": 0.0}
+    for name in TIMED_HOOKS:
+        hook = getattr(cb, name)
+
+        def timed(*args: Any, _hook: Any = hook, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _hook(*args, **kwargs)
+            finally:
+                spent["seconds"] += time.perf_counter() - start
+
+        setattr(cb, name, timed)
+    return spent
+
+
 @dataclass
 class OverheadRun(Timed):
     """One configuration: ``time_once()`` fits a fresh ``Classifier(**model_args)`` from ``seed`` for ``epochs``
@@ -891,13 +913,17 @@ class OverheadRun(Timed):
     root: Path
     states: list[dict[str, Tensor]] = field(default_factory=list)
     aucs: list[float] = field(default_factory=list)
+    hook_seconds: list[float] = field(default_factory=list)  # time spent inside the callback's hooks per timed run
     last: Any = None  # the callback of the last timed run
 
     def fit(self, epochs: int, tag: str) -> tuple[float, dict[str, Tensor], Any]:
         cb = None if self.callback is None else TracIn(dirpath=str(self.root / tag), progress_bar=False,
                                                         **self.callback)
+        spent = time_hooks(cb) if cb is not None else {"seconds": 0.0}
         seconds, state, _ = trainer_fit(lambda: Classifier(**self.model_args), self.dm, [cb] if cb else [], epochs,
                                         self.root / tag, self.seed)
+        if tag.startswith("run-"):
+            self.hook_seconds.append(spent["seconds"])
         return seconds, state, cb
 
     def auc(self, cb: Any) -> float | None:
@@ -956,6 +982,7 @@ def overhead_summary(s: Settings, runs: Sequence[OverheadRun], full: dict[str, d
                    ratio=run.best / base.best, overhead_pct=100 * (run.best / base.best - 1),
                    overhead_pct_median=100 * (run.median / base.median - 1),
                    bit_identical=all(b for b, _ in same), max_abs_weight_diff=max(d for _, d in same),
+                   hook_pct=100 * float(np.median(run.hook_seconds)) / base.median if run.hook_seconds else 0.0,
                    selected_params=featurizer.num_params if featurizer else None,
                    selected_tensors=len(featurizer.params) if featurizer else None,
                    passes=len(run.last.records) if run.last is not None else None,
@@ -1182,8 +1209,9 @@ def md_overhead(o: dict) -> list[str]:
              f"{o['full_epochs']}-epoch run (the config's `max_epochs` is {o['config_max_epochs']}; without callback "
              f"it took {o['full_baseline_seconds']:.1f} s).", "",
              "| configuration | TracIn arguments | selected params | fit seconds (runs) | best | "
-             f"vs no callback (best) | overhead (median) | bit-identical weights | AUC after {o['epochs']} epochs | "
-             f"AUC after {o['full_epochs']} epochs (s, bit-identical) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"vs no callback (best) | overhead (median) | time in the callback's hooks (median, % of fit) | "
+             f"bit-identical weights | AUC after {o['epochs']} epochs | "
+             f"AUC after {o['full_epochs']} epochs (s, bit-identical) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in o["rows"]:
         args = ", ".join(f"{k}={v!r}" for k, v in row["callback"].items()) if row["callback"] else "-"
         auc = fmt(row["auc"], 4) if row["auc"] is not None else "-"
@@ -1192,7 +1220,7 @@ def md_overhead(o: dict) -> list[str]:
         lines.append(f"| {row['name']} | `{args}` | {row['selected_params'] or '-'} | "
                      f"{', '.join(f'{v:.2f}' for v in row['seconds'])} | {row['best']:.2f} | "
                      f"{row['ratio']:.3f}x ({row['overhead_pct']:+.1f} %) | {row['overhead_pct_median']:+.1f} % | "
-                     f"{row['bit_identical']} "
+                     f"{row['hook_pct']:.1f} % | {row['bit_identical']} "
                      f"(max diff {row['max_abs_weight_diff']:g}) | {auc} | {full} |")
     return lines
 

@@ -13,8 +13,7 @@ from tqdm.auto import tqdm
 
 from lightning_attr.influence.runner import AttributionData
 
-__all__ = ["StrategyComm", "PassSchedule", "datamodule_attr", "split", "train_data", "param_rates", "selected_rates",
-           "progress"]
+__all__ = ["StrategyComm", "PassSchedule", "LearningRates", "datamodule_attr", "split", "train_data", "progress"]
 
 
 class StrategyComm:
@@ -89,19 +88,27 @@ def train_data(trainer: L.Trainer, batch_size: int | None = None) -> Attribution
                      f"{type(loader).__name__}); pass `attribution_data=` (a Dataset or an unshuffled DataLoader).")
 
 
-def param_rates(trainer: L.Trainer, module: torch.nn.Module) -> dict[str, float]:
-    """Learning rate of every named parameter that is in an optimizer param group, read now."""
-    by_id = {id(p): g["lr"] for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-    return {n: float(by_id[id(p)]) for n, p in module.named_parameters() if id(p) in by_id}
+class LearningRates:
+    """Per-parameter learning rates as the optimizers hold them: ``snap`` at a batch start keeps the rate of the step
+    about to run (epoch-interval schedulers step before epoch-end hooks); ``of(names)`` reads that snapshot."""
 
+    def __init__(self) -> None:
+        self.groups: dict[str, dict] = {}
+        self.snapshot: dict[int, float] | None = None
 
-def selected_rates(rates: dict[str, float], names: list[str]) -> dict[str, float]:
-    """``rates`` of the parameters ``names``; raises naming those in no optimizer param group."""
-    missing = [n for n in names if n not in rates]
-    if missing:
-        raise ValueError(f"parameters {missing[:5]} are in no optimizer param group, so TracIn has no learning rate "
-                         "for them; exclude them with `parameters=` / `module_types=`.")
-    return {n: rates[n] for n in names}
+    def snap(self, trainer: L.Trainer, module: torch.nn.Module) -> None:
+        if not self.groups:
+            by_id = {id(p): g for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+            self.groups = {n: by_id[id(p)] for n, p in module.named_parameters() if id(p) in by_id}
+        self.snapshot = {id(g): float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups}
+
+    def of(self, names: list[str]) -> dict[str, float]:
+        """The snapshot's rate of each parameter in ``names``; raises naming those in no optimizer param group."""
+        missing = [n for n in names if n not in self.groups]
+        if missing:
+            raise ValueError(f"parameters {missing[:5]} are in no optimizer param group, so TracIn has no learning "
+                             "rate for them; exclude them with `parameters=` / `module_types=`.")
+        return {n: self.snapshot[id(self.groups[n])] for n in names}
 
 
 def progress(trainer: L.Trainer, desc: str) -> Callable[[Iterable, int], Iterable]:

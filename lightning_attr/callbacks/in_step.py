@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_attr.callbacks.context import StrategyComm, param_rates, selected_rates
+from lightning_attr.callbacks.context import StrategyComm
 from lightning_attr.callbacks.tracin import TracIn
 from lightning_attr.data.indexed import unpack_batch
 from lightning_attr.influence.groups import Grouping
@@ -57,9 +57,11 @@ class InStepTracIn(TracIn):
         self.taps: StepTaps | None = None
         self._contribs: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self._step: dict[str, Any] | None = None  # set at the first micro-batch of an optimizer step
+        self._lrs: dict[str, float] | None = None
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if not pl_module.automatic_optimization:
             raise ValueError("TracIn(in_step=True) reads Lightning's automatic optimization (loss scaling by gradient "
                              "accumulation); with manual optimization use TracIn() passes.")
@@ -76,9 +78,11 @@ class InStepTracIn(TracIn):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any) -> None:
         att = self.attribution
         if self._step is None:  # first micro-batch of an optimizer step: the weights before it
-            featurizer = att.featurizer
-            lrs = selected_rates(param_rates(trainer, pl_module), list(featurizer.params))
-            featurizer.set_scales({k: v**0.5 for k, v in lrs.items()})
+            self.rates.snap(trainer, pl_module)
+            lrs = self.rates.of(list(att.featurizer.params))
+            if lrs != self._lrs:  # scales change only when a scheduler changes the rates
+                att.featurizer.set_scales({k: v**0.5 for k, v in lrs.items()})
+                self._lrs = lrs
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             self._step = dict(global_step=trainer.global_step, query=self._query_features(trainer, pl_module),
                               loss_scale=float(scaler.get_scale()) if scaler is not None else 1.0)

@@ -20,11 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_attr.callbacks.context import (
+    LearningRates,
     PassSchedule,
     StrategyComm,
-    param_rates,
     progress,
-    selected_rates,
     train_data,
 )
 from lightning_attr.callbacks.deprecated import GroupAliases
@@ -76,7 +75,7 @@ class InfluenceCallback(GroupAliases, VariantCallback):
         self.method = self.make_method()
         self.attribution: Attribution | None = None
         self.metrics: dict[str, float] = {}
-        self._rates: dict[str, float] = {}
+        self.rates = LearningRates()
         self._pending: dict[str, Any] | None = None
 
     def make_method(self) -> AttributionMethod:
@@ -86,11 +85,13 @@ class InfluenceCallback(GroupAliases, VariantCallback):
     @override
     def state_key(self) -> str:
         """The prefix and the settings that define the results, not ``dirpath``: a resume into another folder still
-        finds its state."""
-        settings = dict(method=self.method.config(), gradients=self.gradients, groups=vars(self.group_spec),
-                        schedule=vars(self.schedule) | {"last_step": None})
-        digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-        return self._generate_state_key(prefix=self.prefix, settings=digest)
+        finds its state. Lightning reads it at every hook call, so it is kept per method object."""
+        if getattr(self, "_state_key", (None,))[0] is not self.method:
+            settings = dict(method=self.method.config(), gradients=self.gradients, groups=vars(self.group_spec),
+                            schedule=vars(self.schedule) | {"last_step": None})
+            digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+            self._state_key = (self.method, self._generate_state_key(prefix=self.prefix, settings=digest))
+        return self._state_key[1]
 
     # ------------------------------------------------------------------------------------------------------- set-up
     @override
@@ -124,9 +125,13 @@ class InfluenceCallback(GroupAliases, VariantCallback):
 
     # ----------------------------------------------------------------------------------------------------- triggers
     @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rates = LearningRates()  # this fit's optimizers
+
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.method.uses_lr:  # the rates of the step about to run (epoch-interval schedulers step before epoch end)
-            self._rates = param_rates(trainer, pl_module)
+        if self.method.uses_lr:
+            self.rates.snap(trainer, pl_module)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -160,8 +165,9 @@ class InfluenceCallback(GroupAliases, VariantCallback):
                                                   self._bar(trainer, f"{self.prefix} grouping")))
             elif len(data.dataset) != att.n_train:
                 raise ValueError(f"the training set changed size between passes: {att.n_train} -> {len(data.dataset)}.")
-            lrs = selected_rates(self._rates or param_rates(trainer, pl_module), list(featurizer.params)) \
-                if self.method.uses_lr else None
+            if self.method.uses_lr and self.rates.snapshot is None:
+                self.rates.snap(trainer, pl_module)
+            lrs = self.rates.of(list(featurizer.params)) if self.method.uses_lr else None
             featurizer.set_scales({k: v**0.5 for k, v in lrs.items()} if lrs else None)
             rows = self.runner.run(data, att.grouping, lambda x, y, b, _: self.method.featurize(featurizer, x, y, key, b),
                                    pl_module, comm, self.method.mean_keys,
