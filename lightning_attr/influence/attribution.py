@@ -123,11 +123,12 @@ class Attribution:
         if comm.rank != 0:
             return
         tensors = dict(self.summary) | ({} if self.tracked is None else {"tracked": self.tracked})
+        if getattr(self, "_groups_entry", (None,))[0] is not self.grouping:  # the rows never change: written once
+            entry = self.store.write("groups.safetensors", {"assignment": self.grouping.assignment})
+            self._groups_entry = (self.grouping, {**entry, "method": self.grouping.method})
         index = {"format": 1, "run": self.run_id, "method": self.method.name, "method_config": self.method.config(),
                  "gradients": self.gradients, "n_train": self.n_train, "normalize": self.normalize,
-                 "summary": self.store.write("summary.safetensors", tensors),
-                 "grouping": {**self.store.write("groups.safetensors", {"assignment": self.grouping.assignment}),
-                              "method": self.grouping.method}}
+                 "summary": self.store.write("summary.safetensors", tensors), "grouping": self._groups_entry[1]}
         self.store.write_json(RUN_INDEX, index)
         self.store.write_json(CHECKPOINT_INDEX, self.records)
 

@@ -236,8 +236,11 @@ class GradientFeaturizer:
 
     def sq_norms_of_taps(self, b: int) -> Tensor:
         """``sq_norms`` (b,) from the inputs / output gradients the selected layers recorded (``Layer.calls``)."""
-        total = torch.zeros(b, dtype=torch.float32, device=next(iter(self.params.values())).device)
+        total = 0
         for layer in self.layers:
+            if isinstance(layer.module, nn.Linear) and len(layer.calls) == 1 and layer.calls[0][0].dim() == 2:
+                total = total + self._linear_sq_norms(layer, *layer.calls[0])  # one position: no factor is formed
+                continue
             facs = self._factors(layer) if layer.factored else []
             s = sum(a.shape[1] for a, _ in facs) if facs else 0
             if facs and s * (layer.in_dim + layer.out_dim) <= layer.in_dim * layer.out_dim:
@@ -247,6 +250,13 @@ class GradientFeaturizer:
             else:
                 total += sum(t.flatten(1).float().pow(2).sum(1) for t in self._layer_grads(layer, b).values())
         return _check_finite(total.unsqueeze(1), "gradient norms")[:, 0]
+
+    def _linear_sq_norms(self, layer: Layer, a: Tensor, g: Tensor) -> Tensor:
+        """``||g a^T||^2 s_w^2 + ||g||^2 s_b^2`` (B,) of a Linear call on (B, I) inputs."""
+        g, a = g.float(), a.float()
+        sw2 = self._scale(layer.weight) ** 2 if layer.weight else 0.0
+        sb2 = self._scale(layer.bias) ** 2 if layer.bias else 0.0
+        return (g * g).sum(1) * ((a * a).sum(1) * sw2 + sb2)
 
     # ------------------------------------------------------------------------------------------------- projection
     @property
