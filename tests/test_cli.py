@@ -143,3 +143,11 @@ def test_ggda_config_runs(tmp_path):
         assert cb.groups.assignment.shape == (len(cli.datamodule.splits["train"]),)
         assert cb.group_self_influence.shape == (cb.groups.num_groups,)
         assert 0 <= cb.metrics[f"{prefix}/noisy_recall_at_10pct"] <= 1
+
+
+def test_influence_function_spec_parses():
+    cli = build_cli(["--config", str(CONFIGS / "digits_classifier_resnet.yaml"),
+                     "--trainer.callbacks+=" + str(CALLBACKS / "influence_function.yaml")], run=False)
+    found = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "InfluenceFunction"]
+    assert len(found) == 1 and found[0].method.settings["strategy"] == "ekfac"
+    assert found[0].gradients["module_types"] == ["Linear", "Conv2d"] and found[0].schedule.at_fit_end

@@ -76,3 +76,37 @@ def test_prune_groups_removes_whole_groups_in_order():
     assert kept.numel() == 8 and torch.equal(kept, prune_groups(scores, assignment, 0.2, seed=0))
     curve = pruning_curve(lambda idx: float(idx.numel()), scores, assignment, fractions=(0.0, 0.2))
     assert curve["scored"] == [10.0, 8.0] and curve["random"] == [10.0, 8.0]
+
+
+def test_subset_retrainer_caches_each_retrain_and_feeds_lds(tmp_path):
+    import lightning as L
+    from test_in_step_tracin import MLP, data
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    from lightning_attr.data import IndexedDataset
+    from lightning_attr.evaluation import SubsetRetrainer, target_losses
+    from lightning_attr.io import CorruptArtifactError
+
+    train, targets = IndexedDataset(TensorDataset(*data(13))), TensorDataset(*data(4, seed=3))
+    kw = dict(train=train, targets=targets, cache_dir=str(tmp_path), key="mlp", seeds=2, batch_size=4,
+              trainer_kwargs=dict(max_epochs=2), progress=False)
+    retrainer = SubsetRetrainer(MLP, **kw)
+    masks = random_subsets(13, 3, seed=0)
+    out = retrainer.all(masks)
+    assert out.shape == (3, 4) and retrainer.trained == 6
+    again = SubsetRetrainer(MLP, **kw)
+    torch.testing.assert_close(again.all(masks), out, rtol=0, atol=0)
+    assert again.trained == 0  # every retrain came from the cache
+    idx = masks[0].nonzero().flatten()
+    L.seed_everything(1, verbose=False)  # the second seed of the first subset, by hand
+    module = MLP()
+    loader = DataLoader(Subset(train, idx.tolist()), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
+    L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, loader)
+    torch.testing.assert_close(retrainer.run(idx, 1), target_losses(module, targets))
+    assert lds(retrainer, torch.randn(13, 4), masks=masks)["actual"].shape == (3, 4)
+    path = retrainer.path(idx, 0)
+    with open(path, "r+b") as f:
+        f.truncate(64)
+    with pytest.raises(CorruptArtifactError, match=path):
+        retrainer.run(idx, 0)

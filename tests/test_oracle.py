@@ -13,8 +13,8 @@ from lightning_attr import AmortizedExplainer, ImageDataModule, OracleDataModule
 from lightning_attr.data import LabelStore
 from lightning_attr.data.label_store import StaleLabelsError, content_signature
 from lightning_attr.data.oracle import game_fingerprint
-from lightning_attr.io import CorruptArtifactError
 from lightning_attr.estimators import exact_shapley, permutation_shapley
+from lightning_attr.io import CorruptArtifactError
 
 
 class Recorder(L.Callback):

@@ -3,8 +3,10 @@
 from lightning_attr.callbacks.heatmaps import AttributionHeatmaps
 from lightning_attr.callbacks.in_step import InStepTracIn
 from lightning_attr.callbacks.influence import InfluenceCallback
+from lightning_attr.callbacks.influence_function import InfluenceFunction
 from lightning_attr.callbacks.predictions import AttributionWriter
 from lightning_attr.callbacks.tracin import TracIn
 from lightning_attr.callbacks.trak import TRAK
 
-__all__ = ["AttributionHeatmaps", "AttributionWriter", "InStepTracIn", "InfluenceCallback", "TRAK", "TracIn"]
+__all__ = ["AttributionHeatmaps", "AttributionWriter", "InStepTracIn", "InfluenceCallback", "InfluenceFunction", "TRAK",
+           "TracIn"]

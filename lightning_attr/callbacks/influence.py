@@ -13,12 +13,12 @@ import os
 from typing import Any, ClassVar, Literal, Sequence
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_attr.callbacks.answers import Answers
 from lightning_attr.callbacks.context import (
     LearningRates,
     PassSchedule,
@@ -26,23 +26,21 @@ from lightning_attr.callbacks.context import (
     progress,
     train_data,
 )
-from lightning_attr.callbacks.deprecated import GroupAliases
 from lightning_attr.callbacks.reporting import Reporter
 from lightning_attr.callbacks.variants import VariantCallback
-from lightning_attr.influence.attribution import Attribution, Normalize
+from lightning_attr.influence.attribution import Attribution
+from lightning_attr.influence.features import GradientFeaturizer
 from lightning_attr.influence.grouping_pass import GroupSpec
-from lightning_attr.influence.groups import Grouping
 from lightning_attr.influence.isolation import isolated
 from lightning_attr.influence.method import AttributionMethod
-from lightning_attr.influence.runner import AttributionData, PassRunner, to_module
+from lightning_attr.influence.runner import AttributionData, LocalComm, PassRunner, data_total, to_module
 from lightning_attr.influence.store import ResultsStore
-from lightning_attr.influence.topk import TopK
 from lightning_attr.runs import run_directory
 
 __all__ = ["InfluenceCallback"]
 
 
-class InfluenceCallback(GroupAliases, VariantCallback):
+class InfluenceCallback(Answers, VariantCallback):
     """Base of :class:`TracIn` and :class:`TRAK`; see :class:`TracIn` for the arguments."""
 
     method_class: ClassVar[type[AttributionMethod]]
@@ -152,33 +150,45 @@ class InfluenceCallback(GroupAliases, VariantCallback):
     def _bar(self, trainer: L.Trainer, desc: str):
         return progress(trainer, desc) if self.progress_bar else None
 
+    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, data: AttributionData, comm: StrategyComm
+                 ) -> tuple[GradientFeaturizer, dict[str, float] | None]:
+        """Bind the featurizer, fix the rows (first pass), and scale gradients by sqrt(learning rate) (TracIn)."""
+        att = self.attribution
+        featurizer = att.bind(data.example(pl_module, self.keys))
+        if att.grouping is None:
+            att.set_rows(self.group_spec.rows(self.runner, data, pl_module, comm,
+                                              self._bar(trainer, f"{self.prefix} grouping")))
+        elif len(data.dataset) != att.n_train:
+            raise ValueError(f"the training set changed size between passes: {att.n_train} -> {len(data.dataset)}.")
+        if self.method.uses_lr and self.rates.snapshot is None:
+            self.rates.snap(trainer, pl_module)
+        lrs = self.rates.of(list(featurizer.params)) if self.method.uses_lr else None
+        featurizer.set_scales({k: v**0.5 for k, v in lrs.items()} if lrs else None)
+        return featurizer, lrs
+
     def run_pass(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """One attribution pass at the current weights (all ranks), then storage and logging (rank zero)."""
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         att, comm, data = self.attribution, StrategyComm(trainer), self._data(trainer)
-        c, key = att.num_checkpoints, (att.num_checkpoints,)
+        c, key, method = att.num_checkpoints, (att.num_checkpoints,), self.method
         with isolated(pl_module):
-            featurizer = att.bind(data.example(pl_module, self.keys))
-            if att.grouping is None:
-                att.set_rows(self.group_spec.rows(self.runner, data, pl_module, comm,
-                                                  self._bar(trainer, f"{self.prefix} grouping")))
-            elif len(data.dataset) != att.n_train:
-                raise ValueError(f"the training set changed size between passes: {att.n_train} -> {len(data.dataset)}.")
-            if self.method.uses_lr and self.rates.snapshot is None:
-                self.rates.snap(trainer, pl_module)
-            lrs = self.rates.of(list(featurizer.params)) if self.method.uses_lr else None
-            featurizer.set_scales({k: v**0.5 for k, v in lrs.items()} if lrs else None)
-            rows = self.runner.run(data, att.grouping, lambda x, y, b, _: self.method.featurize(featurizer, x, y, key, b),
-                                   pl_module, comm, self.method.mean_keys,
+            featurizer, lrs = self._prepare(trainer, pl_module, data, comm)
+            total = data_total(self.runner, data, pl_module, comm, method.fit_samples, self.gradients["seed"],
+                               self._bar(trainer, f"{self.prefix} fit {c}"))
+            state = method.fit_state(featurizer, total)
+            rows = self.runner.run(data, att.grouping, lambda x, y, b, _: method.featurize(featurizer, x, y, key, b, state),
+                                   pl_module, comm, method.mean_keys,
                                    self._bar(trainer, f"{self.prefix} pass {c} (step {trainer.global_step})"))
             weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
             meta = dict(epoch=trainer.current_epoch, step=trainer.global_step, lrs=lrs)
-            stored = att.add_checkpoint(rows, meta, weights, comm)
+            stored = att.add_checkpoint(rows, meta, weights, comm, state)
+            att.data_total = data_total(self.runner, data, pl_module, LocalComm(), method.fit_samples,
+                                        self.gradients["seed"])  # for queries after fit, in this process
             queries = self.reporter.queries(trainer)
             if queries is not None:
                 qx, qy, _ = to_module(queries, pl_module)
-                att.track(stored, self.method.query_features(featurizer, qx, qy, key))
+                att.track(stored, method.query_features(featurizer, qx, qy, key, {**state, "total": total}))
             featurizer.set_scales(None)
         self.schedule.last_step = trainer.global_step
         att.save(comm)
@@ -187,45 +197,6 @@ class InfluenceCallback(GroupAliases, VariantCallback):
             self.metrics = self.reporter.report(trainer, att, self.prefix, f"{c:03d}", dataset)
         if trainer.world_size > 1:
             trainer.strategy.barrier()
-
-    # ------------------------------------------------------------------------------------------------------ answers
-    def _results(self) -> Attribution:
-        if self.attribution is None or self.attribution.grouping is None:
-            s = self.schedule
-            raise RuntimeError(f"no attribution pass has run: fit with the callback first (its schedule every_n_epochs="
-                               f"{s.every_n_epochs}, every_n_steps={s.every_n_steps}, at_fit_end={s.at_fit_end} may "
-                               "not have fired in a short fit: `at_fit_end=True` adds a pass at the end).")
-        return self.attribution
-
-    @property
-    def self_influence(self) -> Tensor:
-        """Self-influence (num_rows,): one per training example (dataset order), or per group with ``group_by``."""
-        return self._results().self_influence()
-
-    def scores(self, query: DataLoader | Dataset, normalize: Normalize | None = None, batch_size: int = 256,
-               block: int = 4096) -> Tensor:
-        """Scores (num_rows, n_query) of every row for every query example, in dataset order (see ``Attribution``)."""
-        return self._results().scores(query, normalize, batch_size, block)
-
-    def topk(self, query: DataLoader | Dataset, k: int = 10, normalize: Normalize | None = None, batch_size: int = 256,
-             block: int = 4096) -> TopK:
-        """Top-k proponents / opponents (train indices, or group ids) of every query, without the full matrix."""
-        return self._results().topk(query, k, normalize, batch_size, block)
-
-    @property
-    def groups(self) -> Grouping:
-        """The rows: ``groups.assignment`` (n_train,) maps each training example to its group (identity if ungrouped)."""
-        return self._results().grouping
-
-    @property
-    def records(self) -> list[dict[str, Any]]:
-        return [] if self.attribution is None else self.attribution.records
-
-    @classmethod
-    def load(cls, dirpath: str, module: torch.nn.Module, normalize: Normalize | None = None) -> Attribution:
-        """The results a fit with this callback stored in ``dirpath`` (any process or world size), checked against
-        their recorded checksums, ready for ``self_influence()``, ``scores(query)`` and ``topk(query, k)``."""
-        return Attribution.load(dirpath, module, normalize, method=cls.method_class.name)
 
     # -------------------------------------------------------------------------------------------------------- state
     @override

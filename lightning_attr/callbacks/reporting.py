@@ -77,12 +77,12 @@ class Reporter:
                ) -> dict[str, float]:
         """Log the metrics of ``attribution`` now (rank zero) and write ``topk-{name}.json``; returns the metrics.
         ``dataset``: the training set, for images in the W&B table (None for groups)."""
-        s = attribution.self_influence()
-        metrics = {f"{prefix}/self_influence_mean": float(s.mean()), f"{prefix}/self_influence_max": float(s.max())}
-        if attribution.num_checkpoints:  # in-step TracIn has none
-            metrics[f"{prefix}/checkpoints"] = float(attribution.num_checkpoints)
+        metrics = {f"{prefix}/checkpoints": float(attribution.num_checkpoints)} if attribution.num_checkpoints else {}
+        s = attribution.self_influence() if attribution.method.has_self_influence else None
+        if s is not None:
+            metrics.update({f"{prefix}/self_influence_mean": float(s.mean()), f"{prefix}/self_influence_max": float(s.max())})
         noisy = self.noisy(trainer, attribution.n_train)
-        if noisy is not None:
+        if noisy is not None and s is not None:
             found = noisy_label_metrics(s, attribution.grouping, noisy)
             metrics.update({f"{prefix}/{k}": v for k, v in found.items()})
         for logger in trainer.loggers:

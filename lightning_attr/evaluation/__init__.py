@@ -1,7 +1,8 @@
 """Evaluation: functions a benchmark, the demo or a test calls to score attributions against ground truth.
 
 :mod:`~lightning_attr.evaluation.features` scores feature attributions (error vs exact values, equal-error compute);
-:mod:`~lightning_attr.evaluation.data` scores training-data attributions (LDS, noisy-label recall, pruning curves).
+:mod:`~lightning_attr.evaluation.data` scores training-data attributions (LDS, noisy-label recall, pruning curves);
+:mod:`~lightning_attr.evaluation.retrain` retrains a LightningModule on subsets (cached) for the LDS.
 """
 
 from lightning_attr.evaluation.data import (
@@ -18,6 +19,7 @@ from lightning_attr.evaluation.features import (
     equal_error_budget,
     per_example_curve,
 )
+from lightning_attr.evaluation.retrain import SubsetRetrainer, target_losses
 
 __all__ = [
     "per_example_curve",
@@ -29,4 +31,6 @@ __all__ = [
     "recall_at",
     "prune_groups",
     "pruning_curve",
+    "SubsetRetrainer",
+    "target_losses",
 ]

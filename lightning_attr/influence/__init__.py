@@ -9,6 +9,7 @@ keep their files and answer queries. The Lightning callbacks in :mod:`lightning_
 from lightning_attr.influence.attribution import Attribution
 from lightning_attr.influence.features import GradientFeaturizer
 from lightning_attr.influence.groups import Grouping, make_grouping
+from lightning_attr.influence.influence_function import InfluenceFunctionMethod, influence_scores
 from lightning_attr.influence.method import METHODS, AttributionMethod, register_method
 from lightning_attr.influence.outputs import cross_entropy, margin  # noqa: F401
 from lightning_attr.influence.parameters import last_linear, select_parameters  # noqa: F401
@@ -18,6 +19,6 @@ from lightning_attr.influence.topk import TopK, topk_blockwise  # noqa: F401
 from lightning_attr.influence.tracin import TracInMethod, tracin_scores, tracin_self_influence
 from lightning_attr.influence.trak import TRAKMethod, trak_scores, trak_self_influence
 
-__all__ = ["Attribution", "AttributionMethod", "GradientFeaturizer", "Grouping", "METHODS", "TRAKMethod", "TopK",
-           "TracInMethod", "make_grouping", "register_method", "tracin_scores", "tracin_self_influence", "trak_scores",
-           "trak_self_influence"]
+__all__ = ["Attribution", "AttributionMethod", "GradientFeaturizer", "Grouping", "InfluenceFunctionMethod", "METHODS",
+           "TRAKMethod", "TopK", "TracInMethod", "influence_scores", "make_grouping", "register_method", "tracin_scores",
+           "tracin_self_influence", "trak_scores", "trak_self_influence"]

@@ -12,7 +12,7 @@ Sizes: ``normalize="mean"`` (default) scores a group by its mean gradient (score
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,15 @@ from lightning_attr.influence.isolation import isolated
 from lightning_attr.influence.method import AttributionMethod, accumulate, build_method
 from lightning_attr.influence.outputs import check_logits
 from lightning_attr.influence.parameters import last_linear
-from lightning_attr.influence.runner import Comm, check_ordered, to_module
+from lightning_attr.influence.runner import (
+    AttributionData,
+    Comm,
+    LocalComm,
+    PassRunner,
+    check_ordered,
+    data_total,
+    to_module,
+)
 from lightning_attr.influence.scores import Features
 from lightning_attr.influence.store import CHECKPOINT_INDEX, RUN_INDEX, ResultsStore
 from lightning_attr.influence.topk import TopK, topk_blockwise
@@ -64,6 +72,7 @@ class Attribution:
         self.records: list[dict[str, Any]] = []
         self.summary: dict[str, Tensor] = {}
         self.tracked: Tensor | None = None  # (num_rows, m): block sums of the queries tracked during training
+        self.data_total: Callable[..., dict[str, Tensor]] | None = None  # sums over the training data, for queries
 
     # ---------------------------------------------------------------------------------------------------- set-up
     def bind(self, example: Tensor) -> GradientFeaturizer:
@@ -98,10 +107,10 @@ class Attribution:
         return None if self.grouping.is_identity else self.grouping.sizes
 
     # -------------------------------------------------------------------------------------------------- recording
-    def add_checkpoint(self, rows: dict[str, Tensor], meta: dict[str, Any], weights: dict[str, Tensor], comm: Comm
-                       ) -> dict[str, Tensor]:
-        """Store one checkpoint's pass rows (rank zero writes; every rank keeps the same records); returns the stored
-        tensors."""
+    def add_checkpoint(self, rows: dict[str, Tensor], meta: dict[str, Any], weights: dict[str, Tensor], comm: Comm,
+                       state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Store one checkpoint's pass rows, weights and method state (rank zero writes; every rank keeps the same
+        records); returns the stored tensors."""
         stored = self.method.finish(rows, self._sizes())
         accumulate(self.summary, self.method.summary_terms(stored))
         c = len(self.records)
@@ -110,6 +119,8 @@ class Attribution:
             self.store.claim(self.run_id)
             files = {"rows": self.store.write(f"{self.method.name}-{c:03d}.safetensors", stored),
                      "weights": self.store.write(f"weights-{c:03d}.safetensors", weights)}
+            if state:
+                files["state"] = self.store.write(f"state-{c:03d}.safetensors", state)
         self.records.append({**meta, "file": f"{self.method.name}-{c:03d}", "files": comm.broadcast(files)})
         return stored
 
@@ -143,7 +154,7 @@ class Attribution:
 
     def self_influence(self, normalize: Normalize | None = None) -> Tensor:
         """Self-influence (num_rows,) in row order (dataset order for single examples)."""
-        if not self.summary:
+        if self.grouping is None or not (self.summary or self.records):
             raise RuntimeError("no attribution pass has run yet; fit with the callback first.")
         s = self.method.self_influence(self.summary, self.num_checkpoints)
         return self._normalized(s, slice(None), 2, normalize)
@@ -178,10 +189,12 @@ class Attribution:
     def _features_at(self, loader: DataLoader, c: int, record: dict[str, Any]) -> Features:
         lrs = record["lrs"]
         self.featurizer.set_scales({k: v**0.5 for k, v in lrs.items()} if lrs else None)
+        state = self.store.read(record["files"]["state"]) if "state" in record["files"] else {}
+        state = {**state, "total": self.data_total}
         parts = []
         for batch in loader:
             x, y = inputs_labels(to_module(batch, self.module), self.keys)
-            f = self.method.query_features(self.featurizer, x, y.to(x.device), (c,))
+            f = self.method.query_features(self.featurizer, x, y.to(x.device), (c,), state)
             parts.append(f.cpu() if isinstance(f, Tensor) else tuple(t.cpu() for t in f))
         return torch.cat(parts) if isinstance(parts[0], Tensor) else tuple(torch.cat(p) for p in zip(*parts))
 
@@ -226,10 +239,12 @@ class Attribution:
 
     @classmethod
     def load(cls, dirpath: str, module: nn.Module, normalize: Normalize | None = None,
-             keys: dict[str, str] | None = None, method: str | None = None) -> "Attribution":
+             keys: dict[str, str] | None = None, method: str | None = None,
+             train_data: Dataset | DataLoader | None = None) -> "Attribution":
         """The results an attribution run stored in ``dirpath`` (any process, any world size), ready to score queries
         with ``module`` (the same architecture; its weights are swapped per checkpoint and restored). Every file is
-        checked against the checksum recorded when it was written."""
+        checked against the checksum recorded when it was written. ``train_data``: the training set, for methods that
+        read it to score queries (influence functions with ``cg`` / ``lissa``)."""
         store = ResultsStore(dirpath)
         index = store.read_json(RUN_INDEX)
         if method is not None and index["method"] != method:
@@ -242,4 +257,8 @@ class Attribution:
         out.summary = tensors
         out.set_rows(Grouping(store.read(index["grouping"])["assignment"], index["grouping"]["method"]))
         out.featurizer = GradientFeaturizer(module, output=out.method.output, **out.gradients)
+        if train_data is not None:
+            data = AttributionData.of(train_data, None, "train_data")
+            out.data_total = data_total(PassRunner(out.keys), data, module, LocalComm(), out.method.fit_samples,
+                                        out.method.config().get("seed", 0))
         return out

@@ -152,12 +152,29 @@ class GradientFeaturizer:
             for p, f in flags.items():
                 p.requires_grad_(f)
 
-    def _taps(self, x: Tensor, y: Tensor) -> contextlib.AbstractContextManager:
+    def _taps(self, x: Tensor, y: Tensor, output_fn: OutputFn | None = None) -> contextlib.AbstractContextManager:
         """``layer_taps`` over the selected layers with grads on the selected parameters only."""
         stack = contextlib.ExitStack()
         stack.enter_context(self._grads_on())
-        stack.enter_context(layer_taps(self.module, self.layers, x, y, self.output_fn))
+        stack.enter_context(layer_taps(self.module, self.layers, x, y, output_fn or self.output_fn))
         return stack
+
+    def taps(self, x: Tensor, y: Tensor, output_fn: OutputFn | None = None) -> contextlib.AbstractContextManager:
+        """Inside: each selected layer's ``calls`` hold ``(input, output gradient)`` of ``output_fn(module(x), y)``
+        (default: the featurizer's output), per example (layer route only)."""
+        if self.layers is None:
+            raise ValueError("layer taps need every selected parameter in a Linear, Conv2d or norm layer.")
+        return self._taps(x, y, output_fn)
+
+    def layer_matrices(self) -> dict[str, Tensor]:
+        """Per-example gradient matrices ``{layer: (B, O, I')}`` (bias as the last column) of the factored layers, from
+        the current taps (see ``taps``)."""
+        return {layer.name: sum(contract(a, g) for a, g in self._factors(layer)) for layer in self.layers
+                if layer.factored and layer.calls}
+
+    def layer_factors(self) -> dict[str, list[tuple[Tensor, Tensor]]]:
+        """``{layer: [(a (B, T, I'), g (B, T, O)) per call]}`` of the factored layers, from the current taps."""
+        return {layer.name: self._factors(layer) for layer in self.layers if layer.factored and layer.calls}
 
     # --------------------------------------------------------------------------------------------- exact gradients
     def per_example_grads(self, x: Tensor, y: Tensor, bounds: Tensor | None = None) -> dict[str, Tensor]:
@@ -308,6 +325,16 @@ class GradientFeaturizer:
             return _check_finite(plan["flat"]["proj"](self.flat_grads(x, y, bounds)), "projected gradients")
         with self._taps(x, y):
             return self._kronecker_of_taps(x.shape[0], plan, bounds)
+
+    def project(self, flat: Tensor, key: tuple[int, ...] = (0,)) -> Tensor:
+        """Flat gradients (m, num_params) in parameter order -> features (m, k) as ``__call__`` makes them: the same
+        sketch / dense projection of checkpoint ``key``, or unchanged without projection."""
+        if not self.proj_dim:
+            return flat
+        if self.projection not in ("dense", "sketch"):
+            raise ValueError(f"`projection`={self.projection!r} acts on layer factors, not on flat gradients; use "
+                             "'sketch' or 'dense' (or proj_dim=None).")
+        return _check_finite(self._build_plan(tuple(key))["flat"]["proj"](flat), "projected gradients")
 
     def features_of_taps(self, b: int, key: tuple[int, ...] = (0,)) -> Tensor:
         """``__call__`` per example (b, k) from the inputs / output gradients the selected layers recorded

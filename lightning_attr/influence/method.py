@@ -11,7 +11,7 @@ loader and the functional ``tracin_scores`` / ``trak_scores`` all call these met
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from torch import Tensor
 
@@ -49,16 +49,26 @@ class AttributionMethod(ABC):
     uses_lr: ClassVar[bool] = False
     mean_keys: ClassVar[tuple[str, ...]] = ()
 
+    fit_samples: int | None = None  # training examples ``fit_state`` reads (None: all)
+    has_self_influence: bool = True
+
     def config(self) -> dict[str, Any]:
         """Constructor arguments, stored with the results so ``build_method(name, config)`` rebuilds the method."""
         return {}
 
+    def fit_state(self, featurizer: GradientFeaturizer, total: Callable[..., dict[str, Tensor]]) -> dict[str, Tensor]:
+        """What a checkpoint needs before its pass (e.g. curvature), from ``total(fn)``: sums of ``fn(x, y, index)``
+        over the training data and all ranks, with the example ``count``. Stored with the checkpoint and handed to
+        ``featurize`` / ``query_features`` as ``state``. Default: nothing."""
+        return {}
+
     @abstractmethod
     def featurize(self, featurizer: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...],
-                  bounds: Tensor | None = None) -> dict[str, Tensor]:
+                  bounds: Tensor | None = None, state: dict[str, Any] | None = None) -> dict[str, Tensor]:
         """Row tensors of a batch: (B, ...) per example, or (R, ...) per segment of ``bounds`` (R + 1,)."""
 
-    def query_features(self, featurizer: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...]) -> Features:
+    def query_features(self, featurizer: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...],
+                       state: dict[str, Any] | None = None) -> Features:
         """Features (m, ...) of query examples at the checkpoint ``key`` seeds (same projection as the train side)."""
         return featurizer(x, y, key)
 

@@ -17,7 +17,7 @@ from lightning_attr.data.indexed import unpack_batch
 from lightning_attr.influence.batching import group_batches, segments
 from lightning_attr.influence.groups import Grouping
 
-__all__ = ["Comm", "LocalComm", "AttributionData", "PassRunner", "RowFn", "check_ordered", "to_module"]
+__all__ = ["Comm", "LocalComm", "AttributionData", "PassRunner", "RowFn", "check_ordered", "to_module", "data_total"]
 
 RowFn = Callable[[Tensor, Tensor, "Tensor | None", Any], dict[str, Tensor]]  # (x, y, bounds, batch) -> rows
 
@@ -167,9 +167,32 @@ class PassRunner:
         return {k: (v.cpu() / sizes.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) if k in mean_keys else v.cpu())
                 for k, v in sums.items()}
 
-    def _add(self, sums: dict[str, Tensor], counts: Tensor, grouping: Grouping, row_fn: RowFn, module: nn.Module,
-             positions: list[int], batch: Any, weight: float = 1.0) -> None:
-        """Add one batch's rows (``weight`` 0: only their shapes) into ``sums`` and its members into ``counts``."""
+    def total(self, data: AttributionData, fn: Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]],
+              module: nn.Module, comm: Comm, positions: list[int] | None = None,
+              progress: Callable[[Iterable, int], Iterable] | None = None, name: str = "total") -> dict[str, Tensor]:
+        """Sums over the examples at ``positions`` (default: all) of ``fn(x, y, index)`` (each a dict of sums over
+        its batch), sharded over ranks and all-reduced (float64), with ``count``: the number of examples read."""
+        positions = list(range(len(data.dataset))) if positions is None else sorted(positions)
+        mine = positions[comm.rank :: comm.world_size]
+        plan = [mine[i : i + data.batch_size] for i in range(0, len(mine), data.batch_size)]
+        stream: Iterable = self.batches(data, plan, name)
+        sums: dict[str, Tensor] = {}
+        for where, batch in progress(stream, len(plan)) if progress else stream:
+            self._sum_batch(sums, fn, module, where, batch)
+        if not plan:  # this rank reads nothing: one example, zeroed, gives the collectives their shapes
+            self._sum_batch(sums, fn, module, positions[:1], next(iter(data.loader([positions[:1]]))), weight=0.0)
+        sums["count"] = torch.tensor(float(len(mine)), dtype=torch.float64, device=next(iter(sums.values())).device)
+        return {k: comm.all_reduce_sum(sums[k]).cpu() for k in sorted(sums)}
+
+    def _sum_batch(self, sums: dict[str, Tensor], fn: Callable, module: nn.Module, positions: list[int], batch: Any,
+                   weight: float = 1.0) -> None:
+        _, x, y, idx = self._unpack(batch, module, positions)
+        for k, v in fn(x, y, idx).items():
+            v = v.detach().double() * weight
+            sums[k] = sums[k] + v if k in sums else v
+
+    def _unpack(self, batch: Any, module: nn.Module, positions: list[int]) -> tuple[Any, Tensor, Tensor, Tensor]:
+        """``(batch, x, y, index)`` on the module's device; raises when an item's ``index`` is not its position."""
         batch = to_module(batch, module)
         x, y, idx = unpack_batch(batch, **self.keys)
         if idx.tolist() != positions:
@@ -177,6 +200,12 @@ class PassRunner:
             raise ValueError(f"the item at position {positions[bad]} of the attribution data carries index "
                              f"{idx.tolist()[bad]}: every item's `index` must be its position in the dataset (wrap the "
                              "dataset in `lightning_attr.data.IndexedDataset`).")
+        return batch, x, y, idx
+
+    def _add(self, sums: dict[str, Tensor], counts: Tensor, grouping: Grouping, row_fn: RowFn, module: nn.Module,
+             positions: list[int], batch: Any, weight: float = 1.0) -> None:
+        """Add one batch's rows (``weight`` 0: only their shapes) into ``sums`` and its members into ``counts``."""
+        batch, x, y, idx = self._unpack(batch, module, positions)
         ids = grouping.assignment[idx.cpu()]
         bounds, rows = (None, ids) if grouping.is_identity else segments(ids)
         for k, v in row_fn(x, y, bounds, batch).items():
@@ -186,3 +215,15 @@ class PassRunner:
             sums[k].index_add_(0, rows.to(v.device), v)
         seg = torch.ones(len(ids), dtype=torch.float64) if bounds is None else bounds.diff().double()
         counts.index_add_(0, rows, seg * weight)
+
+
+def data_total(runner: PassRunner, data: AttributionData, module: nn.Module, comm: Comm, samples: int | None = None,
+               seed: int = 0, progress: Callable[[Iterable, int], Iterable] | None = None
+               ) -> Callable[[Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]], dict[str, Tensor]]:
+    """``total(fn)``: sums of ``fn(x, y, index)`` over the training data, or over a seeded random subset of
+    ``samples`` examples (the same subset every call), across all ranks of ``comm``."""
+    n = len(data.dataset)
+    positions = None
+    if samples is not None and samples < n:
+        positions = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples].sort().values.tolist()
+    return lambda fn: runner.total(data, fn, module, comm, positions, progress, name="curvature")

@@ -8,7 +8,7 @@ A group's row is the gradient of its summed loss, so a group's score is the sum 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import Tensor
 from typing_extensions import override
@@ -32,7 +32,7 @@ class TracInMethod(AttributionMethod):
 
     @override
     def featurize(self, featurizer: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...],
-                  bounds: Tensor | None = None) -> dict[str, Tensor]:
+                  bounds: Tensor | None = None, state: dict[str, Any] | None = None) -> dict[str, Tensor]:
         if not featurizer.last_layer:
             return {"features": featurizer(x, y, key, bounds)}
         a, g = featurizer.factors(x, y)
@@ -41,7 +41,8 @@ class TracInMethod(AttributionMethod):
         return {"features": contract(a.unsqueeze(1), g.unsqueeze(1), bounds).flatten(1)}
 
     @override
-    def query_features(self, featurizer: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...]) -> Features:
+    def query_features(self, featurizer: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...],
+                       state: dict[str, Any] | None = None) -> Features:
         return featurizer.factors(x, y) if featurizer.last_layer else featurizer(x, y, key)
 
     @override

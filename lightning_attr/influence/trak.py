@@ -43,7 +43,7 @@ class TRAKMethod(AttributionMethod):
 
     @override
     def featurize(self, featurizer: GradientFeaturizer, x: Tensor, y: Tensor, key: tuple[int, ...],
-                  bounds: Tensor | None = None) -> dict[str, Tensor]:
+                  bounds: Tensor | None = None, state: dict[str, Any] | None = None) -> dict[str, Tensor]:
         feats = featurizer(x, y, key, bounds)
         with torch.no_grad():
             q = segment_sum(out_to_loss(featurizer.module(x), y), bounds)

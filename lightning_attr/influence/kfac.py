@@ -1,0 +1,57 @@
+"""K-FAC and EK-FAC curvature of Linear / Conv2d layers (Martens & Grosse 2015; Grosse & Martens 2016 for
+convolutions; George et al. 2018 for the eigenvalue correction).
+
+Per layer, with ``a`` the layer's input at each output position (convolutions: the unfolded patch; a column of ones
+appended when the bias is selected) and ``g`` the gradient of the per-example loss w.r.t. the layer's output there:
+
+- ``A = E_n[(1/T) sum_s a_s a_s^T]`` (I', I') and ``S = E_n[sum_s g_s g_s^T]`` (O, O), so that ``A (x) S`` approximates
+  the Fisher ``E_n[vec(G_n) vec(G_n)^T]`` of the per-example gradient ``G_n = sum_s g_s a_s^T`` (O, I'); exact in
+  expectation for one position when ``a`` and ``g`` are independent (K-FAC's assumption).
+- Eigenbases ``A = Q_A diag(l_A) Q_A^T``, ``S = Q_S diag(l_S) Q_S^T`` in float64. K-FAC's eigenvalues are
+  ``l_S l_A^T`` (O, I'); EK-FAC replaces them by ``Lambda = E_n[(Q_S^T G_n Q_A)^2]``, the exact second moment of the
+  gradients in that basis.
+- The damped inverse applied to ``V`` (m, O, I'): ``Q_S [(Q_S^T V Q_A) / (Lambda + lambda)] Q_A^T``.
+
+``g`` comes from labels sampled from the model (true Fisher, the Gauss-Newton matrix of softmax cross-entropy) or
+from the data's labels (empirical Fisher). Sums over examples are accumulated here; the engine divides by the count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["factor_sums", "eigenbasis", "rotated_sq_sums", "kfac_eigenvalues", "precondition"]
+
+
+def factor_sums(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-batch sums of the factors: ``sum_n (1/T) sum_s a a^T`` (I', I') and ``sum_n sum_s g g^T`` (O, O), float64,
+    from ``a`` (B, T, I') and ``g`` (B, T, O)."""
+    a, g = a.double(), g.double()
+    return torch.einsum("bsi,bsj->ij", a, a) / a.shape[1], torch.einsum("bso,bsp->op", g, g)
+
+
+def eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor]:
+    """``(eigenvalues (d,), eigenvectors (d, d))`` of a symmetric factor in float64; tiny negative eigenvalues from
+    round-off are clipped to 0."""
+    values, vectors = torch.linalg.eigh(factor.double())
+    return values.clamp(min=0.0), vectors
+
+
+def rotated_sq_sums(grads: Tensor, q_a: Tensor, q_s: Tensor) -> Tensor:
+    """``sum_n (Q_S^T G_n Q_A)^2`` (O, I') from per-example (or per-group) gradients ``grads`` (B, O, I')."""
+    rotated = q_s.T.to(grads.dtype) @ grads @ q_a.to(grads.dtype)
+    return rotated.double().pow(2).sum(0)
+
+
+def kfac_eigenvalues(l_a: Tensor, l_s: Tensor) -> Tensor:
+    """K-FAC's eigenvalues ``l_S l_A^T`` (O, I') of ``A (x) S`` in the eigenbasis."""
+    return l_s.unsqueeze(1) * l_a.unsqueeze(0)
+
+
+def precondition(v: Tensor, q_a: Tensor, q_s: Tensor, eigenvalues: Tensor, damping: float) -> Tensor:
+    """``Q_S [(Q_S^T V Q_A) / (eigenvalues + damping)] Q_A^T`` for ``v`` (m, O, I'), in ``v``'s dtype (math in
+    float64)."""
+    q_a, q_s = q_a.double(), q_s.double()
+    rotated = q_s.T @ v.double() @ q_a
+    return (q_s @ (rotated / (eigenvalues.double() + damping)) @ q_a.T).to(v.dtype)
