@@ -261,3 +261,18 @@ def test_bad_requests_are_named(tmp_path):
 
     with pytest.raises(FloatingPointError):
         fit(tmp_path, Nan(), [InfluenceFunction(strategy="exact", num_queries=0, module_types=["Linear"])], epochs=1)
+
+
+def test_attribute_without_lightning_equals_the_callback(tmp_path):
+    from lightning_attr.influence import InfluenceFunctionMethod, attribute
+
+    cb = InfluenceFunction(strategy="ekfac", proj_dim=None, num_queries=0, module_types=["Linear"], damping=0.1)
+    fit(tmp_path, Tiny(), [cb])
+    model = Tiny()
+    model.load_state_dict(load_file(f"{cb.directory}/weights-000.safetensors"))
+    train = IndexedDataset(TensorDataset(*tensors()))
+    att = attribute(InfluenceFunctionMethod("ekfac", damping=0.1), model, train, str(tmp_path / "plain"),
+                    gradients=dict(module_types=["Linear"]), batch_size=4, progress=False)
+    query = TensorDataset(*tensors(4, seed=9))
+    torch.testing.assert_close(att.scores(query), cb.scores(query), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(att.self_influence(), cb.self_influence, rtol=1e-4, atol=1e-7)

@@ -29,11 +29,10 @@ from lightning_attr.callbacks.context import (
 from lightning_attr.callbacks.reporting import Reporter
 from lightning_attr.callbacks.variants import VariantCallback
 from lightning_attr.influence.attribution import Attribution
-from lightning_attr.influence.features import GradientFeaturizer
 from lightning_attr.influence.grouping_pass import GroupSpec
 from lightning_attr.influence.isolation import isolated
 from lightning_attr.influence.method import AttributionMethod
-from lightning_attr.influence.runner import AttributionData, LocalComm, PassRunner, data_total, to_module
+from lightning_attr.influence.runner import AttributionData, PassRunner
 from lightning_attr.influence.store import ResultsStore
 from lightning_attr.runs import run_directory
 
@@ -150,46 +149,19 @@ class InfluenceCallback(Answers, VariantCallback):
     def _bar(self, trainer: L.Trainer, desc: str):
         return progress(trainer, desc) if self.progress_bar else None
 
-    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, data: AttributionData, comm: StrategyComm
-                 ) -> tuple[GradientFeaturizer, dict[str, float] | None]:
-        """Bind the featurizer, fix the rows (first pass), and scale gradients by sqrt(learning rate) (TracIn)."""
-        att = self.attribution
-        featurizer = att.bind(data.example(pl_module, self.keys))
-        if att.grouping is None:
-            att.set_rows(self.group_spec.rows(self.runner, data, pl_module, comm,
-                                              self._bar(trainer, f"{self.prefix} grouping")))
-        elif len(data.dataset) != att.n_train:
-            raise ValueError(f"the training set changed size between passes: {att.n_train} -> {len(data.dataset)}.")
-        if self.method.uses_lr and self.rates.snapshot is None:
-            self.rates.snap(trainer, pl_module)
-        lrs = self.rates.of(list(featurizer.params)) if self.method.uses_lr else None
-        featurizer.set_scales({k: v**0.5 for k, v in lrs.items()} if lrs else None)
-        return featurizer, lrs
-
     def run_pass(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """One attribution pass at the current weights (all ranks), then storage and logging (rank zero)."""
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         att, comm, data = self.attribution, StrategyComm(trainer), self._data(trainer)
-        c, key, method = att.num_checkpoints, (att.num_checkpoints,), self.method
+        c = att.num_checkpoints
+        if self.method.uses_lr and self.rates.snapshot is None:
+            self.rates.snap(trainer, pl_module)
+        queries = self.reporter.queries(trainer)
         with isolated(pl_module):
-            featurizer, lrs = self._prepare(trainer, pl_module, data, comm)
-            total = data_total(self.runner, data, pl_module, comm, method.fit_samples, self.gradients["seed"],
-                               self._bar(trainer, f"{self.prefix} fit {c}"))
-            state = method.fit_state(featurizer, total)
-            rows = self.runner.run(data, att.grouping, lambda x, y, b, _: method.featurize(featurizer, x, y, key, b, state),
-                                   pl_module, comm, method.mean_keys,
-                                   self._bar(trainer, f"{self.prefix} pass {c} (step {trainer.global_step})"))
-            weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-            meta = dict(epoch=trainer.current_epoch, step=trainer.global_step, lrs=lrs)
-            stored = att.add_checkpoint(rows, meta, weights, comm, state)
-            att.data_total = data_total(self.runner, data, pl_module, LocalComm(), method.fit_samples,
-                                        self.gradients["seed"])  # for queries after fit, in this process
-            queries = self.reporter.queries(trainer)
-            if queries is not None:
-                qx, qy, _ = to_module(queries, pl_module)
-                att.track(stored, method.query_features(featurizer, qx, qy, key, {**state, "total": total}))
-            featurizer.set_scales(None)
+            att.add_pass(self.runner, data, comm, self.group_spec, dict(epoch=trainer.current_epoch,
+                         step=trainer.global_step), self.rates.of, None if queries is None else queries[:2],
+                         lambda desc: self._bar(trainer, f"{self.prefix} {desc} (step {trainer.global_step})"))
         self.schedule.last_step = trainer.global_step
         att.save(comm)
         if trainer.is_global_zero:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_attr.influence.features import GradientFeaturizer
+from lightning_attr.influence.grouping_pass import GroupSpec
 from lightning_attr.influence.groups import Grouping
 from lightning_attr.influence.isolation import isolated
 from lightning_attr.influence.method import AttributionMethod, accumulate, build_method
@@ -123,6 +124,35 @@ class Attribution:
                 files["state"] = self.store.write(f"state-{c:03d}.safetensors", state)
         self.records.append({**meta, "file": f"{self.method.name}-{c:03d}", "files": comm.broadcast(files)})
         return stored
+
+    def add_pass(self, runner: PassRunner, data: AttributionData, comm: Comm, groups: GroupSpec, meta: dict[str, Any],
+                 rates: Callable[[list[str]], dict[str, float]] | None = None,
+                 queries: tuple[Tensor, Tensor] | None = None, progress: Callable[[str], Any] | None = None) -> None:
+        """One checkpoint at the module's current weights (every rank): bind the featurizer, fix the rows (first pass),
+        scale gradients by ``sqrt(rates(names))`` when the method uses learning rates, fit the method's state, run
+        the pass, store it, and add the block of the tracked ``queries`` ``(x, y)``. Call it inside ``isolated``."""
+        bar = progress or (lambda desc: None)
+        featurizer = self.bind(data.example(self.module, runner.keys))
+        if self.grouping is None:
+            self.set_rows(groups.rows(runner, data, self.module, comm, bar("grouping")))
+        elif len(data.dataset) != self.n_train:
+            raise ValueError(f"the training set changed size between passes: {self.n_train} -> {len(data.dataset)}.")
+        lrs = rates(list(featurizer.params)) if self.method.uses_lr and rates is not None else None
+        featurizer.set_scales({k: v**0.5 for k, v in lrs.items()} if lrs else None)
+        c, method, seed = self.num_checkpoints, self.method, self.gradients.get("seed", 0)
+        try:
+            total = data_total(runner, data, self.module, comm, method.fit_samples, seed, bar(f"fit {c}"))
+            state = method.fit_state(featurizer, total)
+            rows = runner.run(data, self.grouping, lambda x, y, b, _: method.featurize(featurizer, x, y, (c,), b, state),
+                              self.module, comm, method.mean_keys, bar(f"pass {c}"))
+            weights = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            stored = self.add_checkpoint(rows, {**meta, "lrs": lrs}, weights, comm, state)
+            self.data_total = data_total(runner, data, self.module, LocalComm(), method.fit_samples, seed)
+            if queries is not None:  # queries after fit are solved in this process alone (`data_total` above)
+                qx, qy = to_module(queries, self.module)
+                self.track(stored, method.query_features(featurizer, qx, qy, (c,), {**state, "total": total}))
+        finally:
+            featurizer.set_scales(None)
 
     def track(self, stored: dict[str, Tensor], query: Features) -> None:
         """Add one checkpoint's block for the tracked queries (features at that checkpoint)."""
