@@ -259,8 +259,12 @@ def test_bad_requests_are_named(tmp_path):
         def training_step(self, batch, batch_idx):
             return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
 
-    with pytest.raises(FloatingPointError):
-        fit(tmp_path, Nan(), [InfluenceFunction(strategy="exact", num_queries=0, module_types=["Linear"])], epochs=1)
+    for strategy in ("exact", "ekfac"):
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            fit(tmp_path, Nan(), [InfluenceFunction(strategy=strategy, num_queries=0, module_types=["Linear"])],
+                epochs=1)
+    with pytest.raises(ValueError, match="Linear and Conv2d layers only"):  # only a norm layer selected
+        fit(tmp_path, Tiny(), [InfluenceFunction(num_queries=0, module_types=["BatchNorm2d"])], epochs=1)
 
 
 def test_attribute_without_lightning_equals_the_callback(tmp_path):

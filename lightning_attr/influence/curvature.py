@@ -280,6 +280,10 @@ class KFACCurvature(Curvature):
             return out
 
         sums, state = total(factors), {}
+        bad = [k for k, v in sums.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise FloatingPointError(f"strategy={self.name!r}: non-finite Kronecker factors {bad[:4]}; check the model's "
+                                     "outputs and loss on the training data.")
         for layer in featurizer.layers:
             l_a, q_a = eigenbasis(sums[f"{layer.name}.A"] / sums["count"])
             l_s, q_s = eigenbasis(sums[f"{layer.name}.S"] / sums["count"])
