@@ -116,7 +116,7 @@ def test_noisy_label_config_with_the_tracin_and_trak_specs(tmp_path):
                      "--trainer.default_root_dir", str(tmp_path)])
     assert float(cli.datamodule.noisy_mask.float().mean()) == pytest.approx(0.1, abs=0.01)
     found = {cb.prefix: cb for cb in cli.trainer.callbacks if hasattr(cb, "self_influence")}
-    assert set(found) == {"tracin", "tracin_last_layer", "tracin_in_step", "trak"}
+    assert set(found) == {"tracin", "tracin_last_layer", "tracin_in_step", "influence_function", "trak"}
     for prefix, cb in found.items():
         assert cb.self_influence.shape == (len(cli.datamodule.splits["train"]),)
         assert 0 <= cb.metrics[f"{prefix}/noisy_label_auc"] <= 1
