@@ -26,6 +26,7 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/amortization.py --out artifacts/bench
 	$(PY) benchmarks/influence.py --out artifacts/bench/influence
 	$(PY) benchmarks/ggda.py --out artifacts/bench/ggda
+	$(PY) benchmarks/influence_functions.py --out artifacts/bench/influence_functions
 
 clean:
 	rm -rf artifacts lightning_logs wandb .pytest_cache

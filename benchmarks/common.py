@@ -1,6 +1,8 @@
 """What the benchmarks share: progress lines, timing (one call, best of N, interleaved rounds), result files (JSON and
 markdown, written atomically), the small digits CNN with its SGD training and checkpoints, the digits splits as
-tensors, and ``max_rel_err``.
+tensors, a LightningModule around any classifier network (``LitClassifier``) with the training recipe of
+``lightning_attr.evaluation.SubsetRetrainer`` (``fit_like_retrainer``), and the metrics ``max_rel_err``, ``pearson``,
+``spearman`` and ``per_query_spearman``.
 
 The scripts import it as ``common`` (a script's own folder is first on ``sys.path``); importing it also puts the
 repository root on ``sys.path``, so the scripts run from a checkout without installing the package.
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,11 +33,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lightning_attr import ImageDataModule  # noqa: E402
+from lightning_attr.evaluation import SubsetRetrainer  # noqa: E402
 from lightning_attr.io import atomic_write  # noqa: E402
 
 __all__ = ["ROOT", "NUM_CLASSES", "progress", "load_now", "quiet", "timed", "best_of", "Timed", "run_rounds",
            "jsonable", "write_json", "write_text", "DigitsCNN", "num_params", "DigitsData", "CNNTraining",
-           "Checkpoint", "batches", "predict", "accuracy", "train_cnn", "load_cnn", "max_rel_err"]
+           "Checkpoint", "batches", "predict", "accuracy", "train_cnn", "load_cnn", "LitClassifier",
+           "fit_like_retrainer", "max_rel_err", "pearson", "spearman", "per_query_spearman"]
 
 NUM_CLASSES = 10
 
@@ -134,6 +139,17 @@ def write_json(path: str | Path, results: Any, indent: int = 2, drop: Sequence[s
     """Write ``jsonable(results)`` to ``path`` atomically; returns the path."""
     text = json.dumps(jsonable(results, drop, nonfinite), indent=indent, default=float)
     return write_text(path, text)
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    """A table cell: ``digits`` decimals, general format for very small or large numbers, blank for None."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.{digits}g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.{digits}f}"
+    return str(v)
 
 
 def write_text(path: str | Path, text: str) -> str:
@@ -275,7 +291,51 @@ def load_cnn(ck: Checkpoint, image_size: int, channels: int = 1) -> DigitsCNN:
     return model.eval()
 
 
+# ------------------------------------------------------------------------------- a LightningModule around a network
+class LitClassifier(L.LightningModule):
+    """``net`` (any module giving logits) trained on batches ``(x, y, ...)`` with the mean cross-entropy, SGD (momentum
+    0.9, ``weight_decay``) and the learning rate multiplied by ``gamma`` every ``step_epochs`` epochs."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.1, weight_decay: float = 5e-4, step_epochs: int = 2,
+                 gamma: float = 0.5) -> None:
+        super().__init__()
+        self.net, self.lr, self.weight_decay, self.step_epochs, self.gamma = net, lr, weight_decay, step_epochs, gamma
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, self.step_epochs, self.gamma)]
+
+
+def fit_like_retrainer(retrainer: SubsetRetrainer, seed: int = 0) -> L.LightningModule:
+    """The full model of an LDS: ``retrainer.fit`` on ALL of its training set, quietly, in eval mode."""
+    with quiet():
+        return retrainer.fit(torch.arange(len(retrainer.train)), seed).eval()
+
+
 # ---------------------------------------------------------------------------------------------------------- metrics
 def max_rel_err(a: Tensor, b: Tensor) -> float:
     """``max |a - b| / max |b|``: the largest deviation relative to the largest score."""
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def pearson(a: Tensor, b: Tensor) -> float:
+    """Pearson correlation of two equally shaped tensors (flattened, float64)."""
+    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two equally shaped tensors (flattened)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.flatten().double().numpy(), b.flatten().double().numpy()).statistic)
+
+
+def per_query_spearman(a: Tensor, b: Tensor) -> float:
+    """Mean over query columns of the Spearman correlation of the train scores, (n_train, n_query) inputs."""
+    return float(sum(spearman(a[:, j], b[:, j]) for j in range(a.shape[1])) / a.shape[1])

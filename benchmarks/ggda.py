@@ -68,6 +68,7 @@ from common import (
     CNNTraining,
     DigitsData,
     best_of,
+    fmt,
     load_cnn,
     max_rel_err,
     num_params,
@@ -478,16 +479,6 @@ def verdicts(r: dict) -> list[dict]:
             note=f"{p['highest']:.3f} vs {p['random']:.3f}" + (" (diagnostic, not a package output)" if "summed "
                                                                    "gradient" in name else ""))
     return out
-
-
-def fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.{digits}g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.{digits}f}"
-    return str(v)
 
 
 def speed_table(res: dict) -> list[str]:

@@ -280,3 +280,18 @@ def test_attribute_without_lightning_equals_the_callback(tmp_path):
     query = TensorDataset(*tensors(4, seed=9))
     torch.testing.assert_close(att.scores(query), cb.scores(query), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(att.self_influence(), cb.self_influence, rtol=1e-4, atol=1e-7)
+
+
+def test_a_layer_without_curvature_gets_the_models_damping_not_nan():
+    """A zero-initialized last layer leaves the first layer without output gradients (S = 0): its damping falls back
+    to the model's mean eigenvalue and its preconditioned gradients are 0, never 0 / 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3)).eval()
+    nn.init.zeros_(model[2].weight)
+    x, y = dataset()
+    feat = GradientFeaturizer(model)
+    kfac = make_curvature("ekfac", damping=0.1)
+    state = kfac.fit(feat, total_of(model, x, y))
+    assert float(state["0.eigenvalues"].abs().max()) == 0 and float(state["0.damping"]) > 0
+    pre = kfac.solve(feat, feat.flat_grads(x, y), state)
+    assert bool(torch.isfinite(pre).all()) and float(pre[:, :15].abs().max()) == 0  # layer 0's 15 parameters

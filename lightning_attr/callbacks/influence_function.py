@@ -35,8 +35,12 @@ class InfluenceFunction(InfluenceCallback):
             module; they precondition queries only, so no self-influence and no noisy-label metrics).
         damping: ``lambda``, relative to the mean eigenvalue (per layer for K-FAC) unless ``relative_damping=False``.
         curvature: ``"ggn"`` (Gauss-Newton = true Fisher of the softmax cross-entropy) or ``"hessian"`` (exact, cg, lissa).
-        fisher: ``"true"`` (labels from the model) or ``"empirical"`` (the data's labels).
+        fisher: ``"true"`` (every label weighted by the model's probability: exact, one backward per class),
+            ``"sampled"`` (one label per example drawn from the model, as Kronfluence: cheaper, noisy for confident
+            models) or ``"empirical"`` (the data's labels).
         fit_samples: fit the curvature on a seeded random subset of this many training examples (None: all).
+        self_influence: precondition every training row for its self-influence (and the noisy-label metrics); False
+            stores gradients only and preconditions queries (cheaper, as Kronfluence's pairwise scores).
         cg_iterations / cg_tol / lissa_depth: iterative solvers' budget.
 
     ``InfluenceFunction.load(dirpath, model, train_data=...)`` answers from the stored files in any process
@@ -46,11 +50,13 @@ class InfluenceFunction(InfluenceCallback):
     method_class = InfluenceFunctionMethod
 
     def __init__(self, *args: Any, strategy: str = "ekfac", damping: float = 1e-3, relative_damping: bool = True,
-                 curvature: str = "ggn", fisher: str = "true", fit_samples: int | None = None, cg_iterations: int = 100,
+                 curvature: str = "ggn", fisher: str = "true", fit_samples: int | None = None,
+                 self_influence: bool = True, cg_iterations: int = 100,
                  cg_tol: float = 1e-6, lissa_depth: int = 1000, every_n_epochs: int | None = None,
                  at_fit_end: bool = True, projection: str = "sketch", **kwargs: Any) -> None:
         self.settings = dict(strategy=strategy, damping=damping, relative_damping=relative_damping,
                              curvature=curvature, fisher=fisher, fit_samples=fit_samples, seed=kwargs.get("seed", 0),
+                             self_influence=self_influence,
                              cg_iterations=cg_iterations, cg_tol=cg_tol, lissa_depth=lissa_depth)
         super().__init__(*args, every_n_epochs=every_n_epochs, at_fit_end=at_fit_end, projection=projection, **kwargs)
 

@@ -57,17 +57,22 @@ class SubsetRetrainer:
         digest = hashlib.sha1(indices.long().sort().values.numpy().tobytes() + f"|{seed}".encode()).hexdigest()[:16]
         return os.path.join(self.cache_dir, f"{self.key}-{digest}.safetensors")
 
-    def run(self, indices: Tensor, seed: int) -> Tensor:
-        """Measurements (n_target,) of one retrain (from the cache when it exists)."""
-        path = self.path(indices, seed)
-        if os.path.isfile(path):
-            return load_tensors(path, expect={"key": self.key})[0]["outputs"]
+    def fit(self, indices: Tensor, seed: int) -> L.LightningModule:
+        """A fresh ``make_module()`` trained on ``train[indices]`` with seed ``seed`` (initialization, batch order):
+        the recipe of every retrain (``indices`` = all examples gives the full model of an LDS)."""
         L.seed_everything(seed, verbose=False)
         module = self.make_module()
         loader = DataLoader(Subset(self.train, indices.tolist()), batch_size=self.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
         L.Trainer(**self.trainer_kwargs).fit(module, loader)
-        outputs = self.measure(module, self.targets).double().flatten()
+        return module
+
+    def run(self, indices: Tensor, seed: int) -> Tensor:
+        """Measurements (n_target,) of one retrain (from the cache when it exists)."""
+        path = self.path(indices, seed)
+        if os.path.isfile(path):
+            return load_tensors(path, expect={"key": self.key})[0]["outputs"]
+        outputs = self.measure(self.fit(indices, seed), self.targets).double().flatten()
         save_tensors(path, {"outputs": outputs, "indices": indices.long()}, {"key": self.key})
         self.trained += 1
         return outputs

@@ -1,10 +1,11 @@
 """The damped curvature ``H + lambda I`` of the mean training loss at the current weights, and its inverse applied to
 gradients: what influence functions need.
 
-``H`` is the Gauss-Newton matrix of the softmax cross-entropy (``curvature="ggn"``; the true Fisher) estimated with
-the model's own labels (``fisher="true"``: exactly, as ``sum_y p_y g_y g_y^T``, for ``exact`` / ``cg`` / ``lissa``; from
-labels sampled from the model for ``kfac`` / ``ekfac``) or with the data's labels (``fisher="empirical"``), or the
-Hessian (``curvature="hessian"``; ``exact``, ``cg``, ``lissa``). Strategies:
+``H`` is the Gauss-Newton matrix of the softmax cross-entropy (``curvature="ggn"``; the true Fisher) taken with every
+label weighted by the model's probability (``fisher="true"``: exactly ``sum_y p_y g_y g_y^T``, one backward per class),
+with one label per example drawn from the model (``fisher="sampled"``: unbiased, one backward, noisy for confident
+models), or with the data's labels (``fisher="empirical"``); or the Hessian (``curvature="hessian"``; ``exact``,
+``cg``, ``lissa``). Strategies:
 
 - ``exact``: the matrix over the selected parameters, formed and Cholesky-factored in float64 (tiny models).
 - ``cg`` / ``lissa``: matrix-free, from Hessian- or GGN-vector products over the training data (``torch.func``; any
@@ -62,8 +63,9 @@ class Curvature(ABC):
         if curvature not in self.curvatures:
             raise ValueError(f"`curvature`={curvature!r} is not available with strategy={self.name!r}; allowed: "
                              f"{self.curvatures}.")
-        if fisher not in ("true", "empirical"):
-            raise ValueError(f"`fisher` must be 'true' (labels from the model) or 'empirical', got {fisher!r}.")
+        if fisher not in ("true", "sampled", "empirical"):
+            raise ValueError(f"`fisher` must be 'true' (every label, weighted by the model's probability), 'sampled' "
+                             f"(one label per example drawn from the model) or 'empirical' (the data's), got {fisher!r}.")
         self.damping, self.relative, self.curvature, self.fisher, self.seed = (damping, relative_damping, curvature,
                                                                                fisher, seed)
         self.options = options
@@ -73,9 +75,10 @@ class Curvature(ABC):
         """The state of the damped curvature at the module's current weights."""
 
     @abstractmethod
-    def solve(self, featurizer: GradientFeaturizer, v: Tensor, state: dict[str, Tensor], total: DataTotal | None = None
-              ) -> Tensor:
-        """``(H + lambda I)^-1 v`` for flat ``v`` (m, num_params)."""
+    def solve(self, featurizer: GradientFeaturizer, v: Tensor, state: dict[str, Tensor], total: DataTotal | None = None,
+              dtype: torch.dtype = torch.float64) -> Tensor:
+        """``(H + lambda I)^-1 v`` for flat ``v`` (m, num_params); ``dtype`` of the math where a strategy can choose
+        (float32 for the many training rows, float64 for queries)."""
 
     # -------------------------------------------------------------------------------------------------- helpers
     def _lambda(self, mean_eigenvalue: float) -> float:
@@ -85,20 +88,25 @@ class Curvature(ABC):
                                      "model's outputs and loss on the training data.")
         return lam
 
-    def _fisher_terms(self, featurizer: GradientFeaturizer, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """``[(labels (B,), weights (B,))]`` whose weighted per-example gradients sum to the GGN / Fisher: every class
-        weighted by ``p_y`` (true) or the data's labels with weight 1 (empirical)."""
+    def _fisher_terms(self, featurizer: GradientFeaturizer, x: Tensor, y: Tensor, index: Tensor
+                      ) -> list[tuple[Tensor, Tensor]]:
+        """``[(labels (B,), weights (B,))]`` whose weighted per-example gradient outer products sum to the GGN /
+        Fisher: every class weighted by ``p_y`` (true: exact, one backward per class), one label drawn from ``p``
+        (sampled: unbiased, one backward) or the data's labels (empirical), weight 1."""
         if self.fisher == "empirical":
             return [(y, torch.ones(len(y), device=x.device))]
         with torch.no_grad():
-            p = featurizer.module(x).float().softmax(-1)
+            logits = featurizer.module(x).float()
+        if self.fisher == "sampled":
+            return [(sampled_labels(logits, index, self.seed).to(y), torch.ones(len(y), device=x.device))]
+        p = logits.softmax(-1)
         return [(torch.full_like(y, k), p[:, k]) for k in range(p.shape[1])]
 
     def _trace(self, featurizer: GradientFeaturizer, total: DataTotal) -> dict[str, Tensor]:
         """``{"trace": sum over examples of the GGN / Fisher trace, "count"}``."""
 
         def fn(x: Tensor, y: Tensor, index: Tensor) -> dict[str, Tensor]:
-            terms = self._fisher_terms(featurizer, x, y)
+            terms = self._fisher_terms(featurizer, x, y, index)
             return {"trace": sum((w.double() * featurizer.sq_norms(x, lab).double()).sum() for lab, w in terms)}
 
         return total(fn)
@@ -114,7 +122,7 @@ class ExactCurvature(Curvature):
             if self.curvature == "hessian":
                 return {"h": _batch_hessian(featurizer, x, y)}
             h = 0
-            for lab, w in self._fisher_terms(featurizer, x, y):
+            for lab, w in self._fisher_terms(featurizer, x, y, index):
                 g = featurizer.flat_grads(x, lab).double() * w.double().sqrt().unsqueeze(1)
                 h = h + g.T @ g
             return {"h": h}
@@ -130,8 +138,8 @@ class ExactCurvature(Curvature):
                              " increase `damping` or use curvature='ggn'.")
         return {"cholesky": chol, "damping": torch.tensor(lam, dtype=torch.float64)}
 
-    def solve(self, featurizer: GradientFeaturizer, v: Tensor, state: dict[str, Tensor], total: DataTotal | None = None
-              ) -> Tensor:
+    def solve(self, featurizer: GradientFeaturizer, v: Tensor, state: dict[str, Tensor], total: DataTotal | None = None,
+              dtype: torch.dtype = torch.float64) -> Tensor:
         chol = state["cholesky"].to(v.device)
         return torch.cholesky_solve(v.double().T, chol).T.to(v.dtype)
 
@@ -170,7 +178,7 @@ class IterativeCurvature(Curvature):
             if self.curvature == "hessian":
                 return {"hv": _batch_hvp(featurizer, x, y, v)}
             hv = 0
-            for lab, w in self._fisher_terms(featurizer, x, y):
+            for lab, w in self._fisher_terms(featurizer, x, y, index):
                 g = featurizer.flat_grads(x, lab).double()
                 hv = hv + ((g @ v.T.to(g)) * w.double().unsqueeze(1)).T @ g
             return {"hv": hv}
@@ -199,8 +207,8 @@ class CGCurvature(IterativeCurvature):
 
     name = "cg"
 
-    def solve(self, featurizer: GradientFeaturizer, v: Tensor, state: dict[str, Tensor], total: DataTotal | None = None
-              ) -> Tensor:
+    def solve(self, featurizer: GradientFeaturizer, v: Tensor, state: dict[str, Tensor], total: DataTotal | None = None,
+              dtype: torch.dtype = torch.float64) -> Tensor:
         lam, b = float(state["damping"]), v.double()
         x, r = torch.zeros_like(b), b.clone()
         p, rs = r.clone(), (r * r).sum(1)
@@ -231,8 +239,8 @@ class LiSSACurvature(IterativeCurvature):
         state["scale"] = torch.tensor(1.5 * float(u.norm()), dtype=torch.float64)
         return state
 
-    def solve(self, featurizer: GradientFeaturizer, v: Tensor, state: dict[str, Tensor], total: DataTotal | None = None
-              ) -> Tensor:
+    def solve(self, featurizer: GradientFeaturizer, v: Tensor, state: dict[str, Tensor], total: DataTotal | None = None,
+              dtype: torch.dtype = torch.float64) -> Tensor:
         lam, s, b = float(state["damping"]), float(state["scale"]), v.double()
         x = b.clone()
         for _ in range(self.options.get("lissa_depth", 1000)):
@@ -261,22 +269,19 @@ class KFACCurvature(Curvature):
                              f"selected parameters include {bad or 'parameters of other modules'}: select them with "
                              "`module_types=['Linear', 'Conv2d']` or `parameters=`, or use strategy='cg'.")
 
-    def _loss(self, index: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-        if self.fisher == "empirical":
-            return lambda logits, y: F.cross_entropy(logits, y, reduction="none")
-        return lambda logits, y: F.cross_entropy(logits, sampled_labels(logits, index, self.seed), reduction="none")
-
     def fit(self, featurizer: GradientFeaturizer, total: DataTotal) -> dict[str, Tensor]:
         self._check(featurizer)
 
         def factors(x: Tensor, y: Tensor, index: Tensor) -> dict[str, Tensor]:
             out: dict[str, Tensor] = {}
-            with featurizer.taps(x, y, self._loss(index)):
-                for name, calls in featurizer.layer_factors().items():
-                    for a, g in calls:
-                        a_sum, s_sum = factor_sums(a, g)
-                        out[f"{name}.A"] = out.get(f"{name}.A", 0) + a_sum
-                        out[f"{name}.S"] = out.get(f"{name}.S", 0) + s_sum
+            for t, (labels, w) in enumerate(self._fisher_terms(featurizer, x, y, index)):
+                with featurizer.taps(x, labels, _weighted_loss(w)):
+                    for name, calls in featurizer.layer_factors().items():
+                        for a, g in calls:
+                            a_sum, s_sum = factor_sums(a, g)
+                            if t == 0:  # the inputs do not depend on the label
+                                out[f"{name}.A"] = out.get(f"{name}.A", 0) + a_sum
+                            out[f"{name}.S"] = out.get(f"{name}.S", 0) + s_sum
             return out
 
         sums, state = total(factors), {}
@@ -291,30 +296,36 @@ class KFACCurvature(Curvature):
                           f"{layer.name}.eigenvalues": kfac_eigenvalues(l_a, l_s)})
         if self.corrected:
             self._correct(featurizer, total, state)
-        for layer in featurizer.layers:
-            state[f"{layer.name}.damping"] = torch.tensor(self._lambda(float(state[f"{layer.name}.eigenvalues"].mean())),
-                                                          dtype=torch.float64)
+        means = {layer.name: float(state[f"{layer.name}.eigenvalues"].mean()) for layer in featurizer.layers}
+        overall = sum(float(state[f"{n}.eigenvalues"].sum()) for n in means) / sum(
+            state[f"{n}.eigenvalues"].numel() for n in means)
+        for name, mean in means.items():  # a layer without curvature (e.g. zero-initialized) takes the model's mean
+            state[f"{name}.damping"] = torch.tensor(self._lambda(mean if mean > 0 else overall), dtype=torch.float64)
         return state
 
     def _correct(self, featurizer: GradientFeaturizer, total: DataTotal, state: dict[str, Tensor]) -> None:
         """EK-FAC: eigenvalues from per-example gradients projected onto the eigenbasis."""
 
         def moments(x: Tensor, y: Tensor, index: Tensor) -> dict[str, Tensor]:
-            with featurizer.taps(x, y, self._loss(index)):
-                return {name: rotated_sq_sums(g, state[f"{name}.q_a"].to(g.device), state[f"{name}.q_s"].to(g.device))
-                        for name, g in featurizer.layer_matrices().items()}
+            out: dict[str, Tensor] = {}
+            for labels, w in self._fisher_terms(featurizer, x, y, index):
+                with featurizer.taps(x, labels, _weighted_loss(w)):
+                    for name, g in featurizer.layer_matrices().items():
+                        q_a, q_s = (state[f"{name}.{k}"].to(g.device) for k in ("q_a", "q_s"))
+                        out[name] = out.get(name, 0) + rotated_sq_sums(g, q_a, q_s)
+            return out
 
         sums = total(moments)
         for layer in featurizer.layers:
             state[f"{layer.name}.eigenvalues"] = sums[layer.name] / sums["count"]
 
-    def solve(self, featurizer: GradientFeaturizer, v: Tensor, state: dict[str, Tensor], total: DataTotal | None = None
-              ) -> Tensor:
+    def solve(self, featurizer: GradientFeaturizer, v: Tensor, state: dict[str, Tensor], total: DataTotal | None = None,
+              dtype: torch.dtype = torch.float64) -> Tensor:
         out = torch.empty_like(v)
         for layer, cols in _layout(featurizer):
             mat = torch.cat([v[:, c].reshape(len(v), layer.out_dim, -1) for c in cols], -1)
             pre = precondition(mat, *(state[f"{layer.name}.{k}"].to(v.device) for k in ("q_a", "q_s", "eigenvalues")),
-                               float(state[f"{layer.name}.damping"]))
+                               float(state[f"{layer.name}.damping"]), dtype)
             start = 0
             for c in cols:
                 width = (c.stop - c.start) // layer.out_dim
@@ -326,6 +337,11 @@ class KFACCurvature(Curvature):
 class EKFACCurvature(KFACCurvature):
     name = "ekfac"
     corrected = True
+
+
+def _weighted_loss(w: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """Per-example cross-entropy times ``sqrt(w)``: output gradients whose outer products carry the weight ``w``."""
+    return lambda logits, y: F.cross_entropy(logits, y, reduction="none") * w.to(logits.dtype).sqrt()
 
 
 def _layout(featurizer: GradientFeaturizer) -> list[tuple[Any, list[slice]]]:

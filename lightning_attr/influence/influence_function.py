@@ -11,7 +11,8 @@ Rows are linear in the training gradient, so a group's score (the gradient of it
 members' scores, exactly. Per checkpoint the engine stores the projected gradients ``P grad l(z)`` (``P`` = the
 featurizer's projection of that checkpoint, identity with ``proj_dim=None``); queries are preconditioned, then
 projected by the same ``P``: ``<P g_z, P H^-1 g_q>`` is unbiased for ``g_z^T H^-1 g_q`` and exact without projection.
-Self-influence is ``<P g_z, P H^-1 g_z>`` from the two linear rows of a pass (so groups split over batches add up).
+Self-influence is ``g_z^T (H + lambda I)^-1 g_z``, exact per example; for a group, ``<P g_G, P H^-1 g_G>`` from two
+linear rows (so a group split over batches adds up; exact without projection).
 Several checkpoints are averaged.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from typing_extensions import override
 
@@ -35,7 +37,8 @@ class InfluenceFunctionMethod(AttributionMethod):
     """Influence functions with a curvature ``strategy`` (``"exact"``, ``"cg"``, ``"lissa"``, ``"kfac"``,
     ``"ekfac"``); ``damping`` (relative to the mean eigenvalue unless ``relative_damping=False``), ``curvature``
     (``"ggn"`` or ``"hessian"``), ``fisher`` (``"true"``: the model's labels, or ``"empirical"``), ``seed`` (sampled
-    labels), ``fit_samples`` (training examples the curvature is fitted on; None: all); ``options``:
+    labels), ``fit_samples`` (training examples the curvature is fitted on; None: all), ``self_influence`` (precondition
+    every training row for it; False: queries only, as Kronfluence's pairwise scores); ``options``:
     ``cg_iterations``, ``cg_tol``, ``lissa_depth``, ``power_iterations``."""
 
     name = "influence_function"
@@ -43,20 +46,21 @@ class InfluenceFunctionMethod(AttributionMethod):
 
     def __init__(self, strategy: str = "ekfac", damping: float = 1e-3, relative_damping: bool = True,
                  curvature: str = "ggn", fisher: str = "true", seed: int = 0, fit_samples: int | None = None,
-                 **options: Any) -> None:
+                 self_influence: bool = True, **options: Any) -> None:
         if strategy not in CURVATURES:
             raise ValueError(f"`strategy`={strategy!r} is not one of {sorted(CURVATURES)}.")
         if fit_samples is not None and fit_samples < 1:
             raise ValueError(f"`fit_samples` must be None (all) or >= 1, got {fit_samples}.")
         self.fit_samples = fit_samples
         self.settings = dict(strategy=strategy, damping=damping, relative_damping=relative_damping,
-                             curvature=curvature, fisher=fisher, seed=seed, fit_samples=fit_samples, **options)
+                             curvature=curvature, fisher=fisher, seed=seed, fit_samples=fit_samples,
+                             self_influence=self_influence, **options)
         self.curvature = make_curvature(strategy, damping=damping, relative_damping=relative_damping,
                                         curvature=curvature, fisher=fisher, seed=seed, **options)
 
     @property
     def has_self_influence(self) -> bool:
-        return self.curvature.per_row
+        return self.curvature.per_row and self.settings["self_influence"]
 
     @override
     def config(self) -> dict[str, Any]:
@@ -71,8 +75,12 @@ class InfluenceFunctionMethod(AttributionMethod):
                   bounds: Tensor | None = None, state: dict[str, Any] | None = None) -> dict[str, Tensor]:
         flat = featurizer.flat_grads(x, y, bounds)
         rows = {"features": featurizer.project(flat, key)}
-        if self.curvature.per_row:
-            rows["preconditioned"] = featurizer.project(self.curvature.solve(featurizer, flat, state), key)
+        if self.has_self_influence:  # every training row preconditioned: float32 math
+            pre = self.curvature.solve(featurizer, flat, state, dtype=torch.float32)
+            if bounds is None:  # one example per row: exact here
+                rows["self_influence"] = (flat.double() * pre.double()).sum(1)
+            else:  # a group may span batches: its two linear rows add up, the quadratic form comes in `finish`
+                rows["preconditioned"] = featurizer.project(pre, key)
         return rows
 
     @override
@@ -83,7 +91,7 @@ class InfluenceFunctionMethod(AttributionMethod):
 
     @override
     def finish(self, rows: dict[str, Tensor], sizes: Tensor | None) -> dict[str, Tensor]:
-        out = {"features": rows["features"]}
+        out = {k: v for k, v in rows.items() if k != "preconditioned"}
         if "preconditioned" in rows:
             out["self_influence"] = (rows["features"].double() * rows["preconditioned"].double()).sum(1)
         return out
@@ -109,8 +117,9 @@ class InfluenceFunctionMethod(AttributionMethod):
     @override
     def self_influence(self, summary: dict[str, Tensor], num_checkpoints: int) -> Tensor:
         if "self" not in summary:
-            raise ValueError(f"self-influence needs a solve per training example: strategy="
-                             f"{self.settings['strategy']!r} precondition queries only; use 'ekfac', 'kfac' or 'exact'.")
+            raise ValueError(f"self-influence needs a solve per training example: not computed with strategy="
+                             f"{self.settings['strategy']!r}, self_influence={self.settings['self_influence']} (cg / "
+                             "lissa precondition queries only); use 'ekfac', 'kfac' or 'exact' with self_influence=True.")
         return summary["self"] / max(num_checkpoints, 1)
 
 

@@ -38,9 +38,16 @@ def eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor]:
     return values.clamp(min=0.0), vectors
 
 
+def _cast(q: Tensor, dtype: torch.dtype) -> Tensor:
+    """``q`` in ``dtype`` with entries below its smallest normal number set to 0 (denormals slow matmuls down)."""
+    if dtype == q.dtype:
+        return q
+    return torch.where(q.abs() < torch.finfo(dtype).tiny, torch.zeros_like(q), q).to(dtype)
+
+
 def rotated_sq_sums(grads: Tensor, q_a: Tensor, q_s: Tensor) -> Tensor:
     """``sum_n (Q_S^T G_n Q_A)^2`` (O, I') from per-example (or per-group) gradients ``grads`` (B, O, I')."""
-    rotated = q_s.T.to(grads.dtype) @ grads @ q_a.to(grads.dtype)
+    rotated = _cast(q_s, grads.dtype).T @ grads @ _cast(q_a, grads.dtype)
     return rotated.double().pow(2).sum(0)
 
 
@@ -49,9 +56,12 @@ def kfac_eigenvalues(l_a: Tensor, l_s: Tensor) -> Tensor:
     return l_s.unsqueeze(1) * l_a.unsqueeze(0)
 
 
-def precondition(v: Tensor, q_a: Tensor, q_s: Tensor, eigenvalues: Tensor, damping: float) -> Tensor:
-    """``Q_S [(Q_S^T V Q_A) / (eigenvalues + damping)] Q_A^T`` for ``v`` (m, O, I'), in ``v``'s dtype (math in
-    float64)."""
-    q_a, q_s = q_a.double(), q_s.double()
-    rotated = q_s.T @ v.double() @ q_a
-    return (q_s @ (rotated / (eigenvalues.double() + damping)) @ q_a.T).to(v.dtype)
+def precondition(v: Tensor, q_a: Tensor, q_s: Tensor, eigenvalues: Tensor, damping: float,
+                 dtype: torch.dtype = torch.float64) -> Tensor:
+    """``Q_S [(Q_S^T V Q_A) / (eigenvalues + damping)] Q_A^T`` for ``v`` (m, O, I'), returned in ``v``'s dtype, with
+    the math in ``dtype``. Directions without curvature or damping (a zero denominator) get 0 (the pseudo-inverse)."""
+    q_a, q_s = _cast(q_a, dtype), _cast(q_s, dtype)
+    rotated = q_s.T @ v.to(dtype) @ q_a
+    denominator = (eigenvalues + damping).to(dtype)
+    scaled = torch.where(denominator > 0, rotated / denominator.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(rotated))
+    return (q_s @ scaled @ q_a.T).to(v.dtype)
