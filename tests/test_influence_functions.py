@@ -295,3 +295,39 @@ def test_a_layer_without_curvature_gets_the_models_damping_not_nan():
     assert float(state["0.eigenvalues"].abs().max()) == 0 and float(state["0.damping"]) > 0
     pre = kfac.solve(feat, feat.flat_grads(x, y), state)
     assert bool(torch.isfinite(pre).all()) and float(pre[:, :15].abs().max()) == 0  # layer 0's 15 parameters
+
+
+@pytest.mark.parametrize("positions", [1, 40])  # few positions: the factors are rotated; many: G_n is formed
+def test_rotated_square_sums_and_the_quadratic_form_equal_their_definitions(positions, monkeypatch):
+    """``sum_n (Q_S^T G_n Q_A)^2`` with ``G_n`` summed over two calls and all positions, either route; and K-FAC /
+    EK-FAC's quadratic form (self-influence) equals ``v^T solve(v)``."""
+    from lightning_attr.influence.kfac import eigenbasis, rotated_sq_sums
+
+    g = torch.Generator().manual_seed(positions)
+    calls = [(torch.randn(5, positions, 7, generator=g), torch.randn(5, positions, 3, generator=g)) for _ in range(2)]
+    q_a = torch.linalg.qr(torch.randn(7, 7, generator=g, dtype=torch.float64))[0]
+    q_s = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))[0]
+    grads = sum(torch.einsum("bso,bsi->boi", gr.double(), a.double()) for a, gr in calls)
+    expected = torch.stack([(q_s.T @ gn @ q_a) ** 2 for gn in grads]).sum(0)
+    torch.testing.assert_close(rotated_sq_sums(calls, q_a, q_s), expected, rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    x, y = dataset()
+    feat = GradientFeaturizer(model)
+    v = feat.flat_grads(x, y)
+    for strategy in ("kfac", "ekfac"):
+        curvature = make_curvature(strategy, damping=0.1)
+        state = curvature.fit(feat, total_of(model, x, y))
+        direct = (v.double() * curvature.solve(feat, v, state).double()).sum(1)
+        torch.testing.assert_close(curvature.quadratic(feat, v, state), direct, rtol=1e-4, atol=1e-7)
+
+    sym = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    sym = sym @ sym.T
+
+    def failing(_):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing)  # LAPACK's eigh can fail on many repeated eigenvalues: SVD
+    values, vectors = eigenbasis(sym)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, sym)

@@ -30,9 +30,17 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_attr.influence.features import GradientFeaturizer
-from lightning_attr.influence.kfac import eigenbasis, factor_sums, kfac_eigenvalues, precondition, rotated_sq_sums
+from lightning_attr.influence.kfac import (
+    eigenbasis,
+    factor_sums,
+    inverse_quadratic,
+    kfac_eigenvalues,
+    precondition,
+    rotated_sq_sums,
+)
 from lightning_attr.influence.projector import mix_seed
 
 __all__ = ["Curvature", "CURVATURES", "DataTotal", "make_curvature"]
@@ -79,6 +87,11 @@ class Curvature(ABC):
               dtype: torch.dtype = torch.float64) -> Tensor:
         """``(H + lambda I)^-1 v`` for flat ``v`` (m, num_params); ``dtype`` of the math where a strategy can choose
         (float32 for the many training rows, float64 for queries)."""
+
+    def quadratic(self, featurizer: GradientFeaturizer, v: Tensor, state: dict[str, Tensor],
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+        """``v_i^T (H + lambda I)^-1 v_i`` (m,) float64 for flat ``v`` (m, num_params): self-influence."""
+        return (v.double() * self.solve(featurizer, v, state, dtype=dtype).double()).sum(1)
 
     # -------------------------------------------------------------------------------------------------- helpers
     def _lambda(self, mean_eigenvalue: float) -> float:
@@ -310,9 +323,9 @@ class KFACCurvature(Curvature):
             out: dict[str, Tensor] = {}
             for labels, w in self._fisher_terms(featurizer, x, y, index):
                 with featurizer.taps(x, labels, _weighted_loss(w)):
-                    for name, g in featurizer.layer_matrices().items():
-                        q_a, q_s = (state[f"{name}.{k}"].to(g.device) for k in ("q_a", "q_s"))
-                        out[name] = out.get(name, 0) + rotated_sq_sums(g, q_a, q_s)
+                    for name, calls in featurizer.layer_factors().items():
+                        q_a, q_s = (state[f"{name}.{k}"].to(x.device) for k in ("q_a", "q_s"))
+                        out[name] = out.get(name, 0) + rotated_sq_sums(calls, q_a, q_s)
             return out
 
         sums = total(moments)
@@ -323,15 +336,30 @@ class KFACCurvature(Curvature):
               dtype: torch.dtype = torch.float64) -> Tensor:
         out = torch.empty_like(v)
         for layer, cols in _layout(featurizer):
-            mat = torch.cat([v[:, c].reshape(len(v), layer.out_dim, -1) for c in cols], -1)
-            pre = precondition(mat, *(state[f"{layer.name}.{k}"].to(v.device) for k in ("q_a", "q_s", "eigenvalues")),
-                               float(state[f"{layer.name}.damping"]), dtype)
+            pre = precondition(_layer_matrix(v, layer, cols), *_layer_state(state, layer.name, v.device), dtype)
             start = 0
             for c in cols:
                 width = (c.stop - c.start) // layer.out_dim
                 out[:, c] = pre[..., start : start + width].reshape(len(v), -1)
                 start += width
         return out
+
+
+    @override
+    def quadratic(self, featurizer: GradientFeaturizer, v: Tensor, state: dict[str, Tensor],
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+        return sum(inverse_quadratic(_layer_matrix(v, layer, cols), *_layer_state(state, layer.name, v.device), dtype)
+                   for layer, cols in _layout(featurizer))
+
+
+def _layer_matrix(v: Tensor, layer: Any, cols: list[slice]) -> Tensor:
+    """A factored layer's part of flat ``v`` (m, num_params) as (m, O, I'): weight columns, then the bias column."""
+    return torch.cat([v[:, c].reshape(len(v), layer.out_dim, -1) for c in cols], -1)
+
+
+def _layer_state(state: dict[str, Tensor], name: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor, float]:
+    """``(q_a, q_s, eigenvalues, damping)`` of layer ``name``."""
+    return (*(state[f"{name}.{k}"].to(device) for k in ("q_a", "q_s", "eigenvalues")), float(state[f"{name}.damping"]))
 
 
 class EKFACCurvature(KFACCurvature):

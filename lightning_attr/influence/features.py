@@ -166,12 +166,6 @@ class GradientFeaturizer:
             raise ValueError("layer taps need every selected parameter in a Linear, Conv2d or norm layer.")
         return self._taps(x, y, output_fn)
 
-    def layer_matrices(self) -> dict[str, Tensor]:
-        """Per-example gradient matrices ``{layer: (B, O, I')}`` (bias as the last column) of the factored layers, from
-        the current taps (see ``taps``)."""
-        return {layer.name: sum(contract(a, g) for a, g in self._factors(layer)) for layer in self.layers
-                if layer.factored and layer.calls}
-
     def layer_factors(self) -> dict[str, list[tuple[Tensor, Tensor]]]:
         """``{layer: [(a (B, T, I'), g (B, T, O)) per call]}`` of the factored layers, from the current taps."""
         return {layer.name: self._factors(layer) for layer in self.layers if layer.factored and layer.calls}

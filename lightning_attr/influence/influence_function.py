@@ -36,8 +36,8 @@ __all__ = ["InfluenceFunctionMethod", "influence_scores"]
 class InfluenceFunctionMethod(AttributionMethod):
     """Influence functions with a curvature ``strategy`` (``"exact"``, ``"cg"``, ``"lissa"``, ``"kfac"``,
     ``"ekfac"``); ``damping`` (relative to the mean eigenvalue unless ``relative_damping=False``), ``curvature``
-    (``"ggn"`` or ``"hessian"``), ``fisher`` (``"true"``: the model's labels, or ``"empirical"``), ``seed`` (sampled
-    labels), ``fit_samples`` (training examples the curvature is fitted on; None: all), ``self_influence`` (precondition
+    (``"ggn"`` or ``"hessian"``), ``fisher`` (``"true"``: every label weighted by the model's probability,
+    ``"sampled"``: one label drawn from the model, or ``"empirical"``: the data's), ``seed`` (sampled labels), ``fit_samples`` (training examples the curvature is fitted on; None: all), ``self_influence`` (precondition
     every training row for it; False: queries only, as Kronfluence's pairwise scores); ``options``:
     ``cg_iterations``, ``cg_tol``, ``lissa_depth``, ``power_iterations``."""
 
@@ -76,10 +76,10 @@ class InfluenceFunctionMethod(AttributionMethod):
         flat = featurizer.flat_grads(x, y, bounds)
         rows = {"features": featurizer.project(flat, key)}
         if self.has_self_influence:  # every training row preconditioned: float32 math
-            pre = self.curvature.solve(featurizer, flat, state, dtype=torch.float32)
             if bounds is None:  # one example per row: exact here
-                rows["self_influence"] = (flat.double() * pre.double()).sum(1)
+                rows["self_influence"] = self.curvature.quadratic(featurizer, flat, state)
             else:  # a group may span batches: its two linear rows add up, the quadratic form comes in `finish`
+                pre = self.curvature.solve(featurizer, flat, state, dtype=torch.float32)
                 rows["preconditioned"] = featurizer.project(pre, key)
         return rows
 

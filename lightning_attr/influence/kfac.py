@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["factor_sums", "eigenbasis", "rotated_sq_sums", "kfac_eigenvalues", "precondition"]
+from lightning_attr.influence.grads import contract
+
+__all__ = ["factor_sums", "eigenbasis", "rotated_sq_sums", "kfac_eigenvalues", "precondition", "inverse_quadratic"]
 
 
 def factor_sums(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -33,8 +35,14 @@ def factor_sums(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 
 def eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor]:
     """``(eigenvalues (d,), eigenvectors (d, d))`` of a symmetric factor in float64; tiny negative eigenvalues from
-    round-off are clipped to 0."""
-    values, vectors = torch.linalg.eigh(factor.double())
+    round-off are clipped to 0. LAPACK's divide-and-conquer ``eigh`` can fail to converge on factors with many
+    repeated eigenvalues (dead units, constant inputs); the SVD of the PSD factor then gives the same decomposition."""
+    factor = factor.double()
+    factor = (factor + factor.T) / 2
+    try:
+        values, vectors = torch.linalg.eigh(factor)
+    except torch.linalg.LinAlgError:
+        vectors, values, _ = torch.linalg.svd(factor)
     return values.clamp(min=0.0), vectors
 
 
@@ -45,9 +53,17 @@ def _cast(q: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(q.abs() < torch.finfo(dtype).tiny, torch.zeros_like(q), q).to(dtype)
 
 
-def rotated_sq_sums(grads: Tensor, q_a: Tensor, q_s: Tensor) -> Tensor:
-    """``sum_n (Q_S^T G_n Q_A)^2`` (O, I') from per-example (or per-group) gradients ``grads`` (B, O, I')."""
-    rotated = _cast(q_s, grads.dtype).T @ grads @ _cast(q_a, grads.dtype)
+def rotated_sq_sums(calls: list[tuple[Tensor, Tensor]], q_a: Tensor, q_s: Tensor) -> Tensor:
+    """``sum_n (Q_S^T G_n Q_A)^2`` (O, I') of the per-example gradients ``G_n = sum_calls sum_s g_s a_s^T``, from the
+    layer's factors ``[(a (B, T, I'), g (B, T, O))]`` per call. With few positions (a Linear layer: one per example)
+    the factors are rotated first, ``T (O^2 + I'^2)`` per example instead of ``O I' (O + I')``; else ``G_n`` is formed."""
+    dtype = calls[0][0].dtype
+    qa, qs = _cast(q_a, dtype), _cast(q_s, dtype)
+    o, i, positions = qs.shape[0], qa.shape[0], sum(a.shape[1] for a, _ in calls)
+    if positions * (o * o + i * i + o * i) < positions * o * i + o * i * (o + i):
+        rotated = sum(contract(a @ qa, g @ qs) for a, g in calls)
+    else:
+        rotated = qs.T @ sum(contract(a, g) for a, g in calls) @ qa
     return rotated.double().pow(2).sum(0)
 
 
@@ -56,12 +72,28 @@ def kfac_eigenvalues(l_a: Tensor, l_s: Tensor) -> Tensor:
     return l_s.unsqueeze(1) * l_a.unsqueeze(0)
 
 
+def _damped(eigenvalues: Tensor, damping: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(eigenvalues + damping, mask of the positive ones)`` in ``dtype``; zero denominators clamped to stay finite."""
+    denominator = (eigenvalues + damping).to(dtype)
+    return denominator.clamp_min(torch.finfo(dtype).tiny), denominator > 0
+
+
 def precondition(v: Tensor, q_a: Tensor, q_s: Tensor, eigenvalues: Tensor, damping: float,
                  dtype: torch.dtype = torch.float64) -> Tensor:
     """``Q_S [(Q_S^T V Q_A) / (eigenvalues + damping)] Q_A^T`` for ``v`` (m, O, I'), returned in ``v``'s dtype, with
     the math in ``dtype``. Directions without curvature or damping (a zero denominator) get 0 (the pseudo-inverse)."""
     q_a, q_s = _cast(q_a, dtype), _cast(q_s, dtype)
     rotated = q_s.T @ v.to(dtype) @ q_a
-    denominator = (eigenvalues + damping).to(dtype)
-    scaled = torch.where(denominator > 0, rotated / denominator.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(rotated))
+    denominator, positive = _damped(eigenvalues, damping, dtype)
+    scaled = torch.where(positive, rotated / denominator, torch.zeros_like(rotated))
     return (q_s @ scaled @ q_a.T).to(v.dtype)
+
+
+def inverse_quadratic(v: Tensor, q_a: Tensor, q_s: Tensor, eigenvalues: Tensor, damping: float,
+                      dtype: torch.dtype = torch.float64) -> Tensor:
+    """``vec(V)^T (damped inverse) vec(V)`` (m,) float64 for ``v`` (m, O, I'): ``sum (Q_S^T V Q_A)^2 / (eigenvalues +
+    damping)``, half the work of :func:`precondition` (no rotation back); zero denominators contribute 0."""
+    rotated = _cast(q_s, dtype).T @ v.to(dtype) @ _cast(q_a, dtype)
+    denominator, positive = _damped(eigenvalues, damping, dtype)
+    terms = torch.where(positive, rotated.double().pow(2) / denominator.double(), torch.zeros_like(rotated.double()))
+    return terms.flatten(1).sum(1)
