@@ -856,10 +856,12 @@ def markdown(r: dict) -> str:
     lines += ["", "## Reading the numbers", "",
               "- Sign: a positive score is a proponent (removing it raises the target's loss), so the LDS correlates "
               "`-sum` of the kept examples' scores with the retrained loss, for every method alike.",
-              "- True Fisher: K-FAC / EK-FAC draw one label per example from the model (ours seeded by the example's "
-              "index, Kronfluence from the global generator), so two runs differ by sampling noise; `ours ekfac vs "
-              "ours ekfac (label seed 1)` is that noise floor, and the empirical-Fisher pair compares the two "
-              "implementations without sampling (it should be ~1).",
+              "- True Fisher: ours weights every label by the model's probability (exact, one backward per class: "
+              "the slower `ours ekfac` rows); `(sampled)` and Kronfluence draw one label per example (ours seeded by "
+              "the example's index, Kronfluence from the global generator), so two sampled runs differ by sampling "
+              "noise; `ours ekfac (sampled) vs ours ekfac (sampled, label seed 1)` is that noise floor, and the "
+              "empirical-Fisher pair compares the two implementations without sampling (it should be ~1).",
+              "- `nan` agreement: the two score matrices are not both finite (Spearman and the relative error are undefined there); the LDS of each is still defined.",
               "- Wall time: ours = `attribute` (factors, then one pass that stores every training row's gradient AND "
               "its preconditioned gradient, for self-influence) + `scores`; Kronfluence = `fit_all_factors` + "
               "`compute_pairwise_scores` (preconditions the queries only); dattri = `cache` + `attribute`.",
