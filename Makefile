@@ -27,6 +27,7 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/influence.py --out artifacts/bench/influence
 	$(PY) benchmarks/ggda.py --out artifacts/bench/ggda
 	$(PY) benchmarks/influence_functions.py --out artifacts/bench/influence_functions
+	$(PY) benchmarks/dtda.py --out artifacts/bench/dtda
 
 clean:
 	rm -rf artifacts lightning_logs wandb .pytest_cache

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -139,6 +140,32 @@ def write_json(path: str | Path, results: Any, indent: int = 2, drop: Sequence[s
     """Write ``jsonable(results)`` to ``path`` atomically; returns the path."""
     text = json.dumps(jsonable(results, drop, nonfinite), indent=indent, default=float)
     return write_text(path, text)
+
+
+def begin(out: str, threads: int, **fields: Any) -> tuple[Path, float, dict]:
+    """Open a benchmark run: warnings off, ``threads`` torch threads, the output folder made; returns ``(out folder,
+    start time, results dict)`` holding the machine, torch version, load and ``fields``."""
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    r = dict(threads=threads, torch=torch.__version__, machine=machine, load_start=load_now(), **fields)
+    return folder, time.perf_counter(), r
+
+
+def finish(r: dict, start: float, out: Path, markdown: Callable[[dict], str], log: Callable[[str], None],
+           drop: Sequence[str] = ()) -> dict:
+    """Close a benchmark run: wall time and load into ``r``, then ``{out}/results.json`` (non-finite numbers as null,
+    ``drop`` keys left out) and ``{out}/results.md``, printed; returns ``r``."""
+    r["wall_seconds"] = time.perf_counter() - start
+    r["load_end"] = load_now()
+    md = markdown(r)
+    write_json(out / "results.json", r, indent=1, drop=drop, nonfinite=lambda _: None)
+    write_text(out / "results.md", md)
+    print(md)
+    log(f"done in {r['wall_seconds']:.0f}s; wrote {out}/results.json and results.md")
+    return r
 
 
 def fmt(v: Any, digits: int = 3) -> str:

@@ -63,10 +63,7 @@ import argparse
 import copy
 import math
 import os
-import platform
 import tempfile
-import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -80,9 +77,10 @@ from common import (  # noqa: E402
     DigitsCNN,
     DigitsData,
     LitClassifier,
+    begin,
+    finish,
     fit_like_retrainer,
     fmt,
-    load_now,
     max_rel_err,
     num_params,
     pearson,
@@ -91,8 +89,6 @@ from common import (  # noqa: E402
     quiet,
     spearman,
     timed,
-    write_json,
-    write_text,
 )
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -889,15 +885,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parts = set(args.parts.split(","))
     if not parts <= set(PARTS):
         p.error(f"--parts: unknown {sorted(parts - set(PARTS))}; choose from {PARTS}")
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
     s = Settings.smoke() if args.smoke else Settings()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    r: dict[str, Any] = dict(smoke=args.smoke, threads=args.threads, torch=torch.__version__, parts=sorted(parts),
-                             machine=machine, load_start=load_now(), settings=asdict(s), targets=TARGETS)
+    out, start, r = begin(args.out, args.threads, smoke=args.smoke, parts=sorted(parts), settings=asdict(s),
+                          targets=TARGETS)
     data = DigitsData.load(32).truncated(s.n_train)
     if "convex" in parts:
         convex(s, data, r)
@@ -911,14 +901,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         m, scores = built["cnn"]
         group_lds(s, m, scores.get("ours ekfac"), r)
     r["verdicts"] = verdicts(r)
-    r["wall_seconds"] = time.perf_counter() - start
-    r["load_end"] = load_now()
-    md = markdown(r)
-    write_json(out / "results.json", r, indent=1, nonfinite=lambda _: None)
-    write_text(out / "results.md", md)
-    print(md)
-    log(f"done in {r['wall_seconds']:.0f}s; wrote {out}/results.json and results.md")
-    return r
+    return finish(r, start, out, markdown, log)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""The ``lightning-attr`` console script: LightningCLI in subclass mode (``fit / validate / test / predict``)."""
+"""The ``lightning-attr`` console script: LightningCLI in subclass mode (``fit / validate / test / predict``), and
+``lightning-attr dtda`` for seed ensembles (distributional TDA; see :func:`run_dtda`)."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 
 import lightning as L
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
@@ -10,7 +13,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning_attr.io import atomic_write
 from lightning_attr.runs import run_directory
 
-__all__ = ["AttrCLI", "RunConfigCallback", "build_cli", "main"]
+__all__ = ["AttrCLI", "RunConfigCallback", "build_cli", "dtda_parser", "main", "run_dtda"]
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -67,8 +70,73 @@ def build_cli(args: ArgsType = None, run: bool = True) -> AttrCLI:
     )
 
 
+def dtda_parser() -> argparse.ArgumentParser:
+    """``lightning-attr dtda``: the arguments of a seed ensemble; any other argument goes to every seed's ``fit``."""
+    from lightning_attr.distributional.ensemble import BACKENDS
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-attr dtda", allow_abbrev=False,
+        description="Distributional TDA over training seeds: run `lightning-attr fit` once per seed (each in "
+                    "{root}/seed_XXXX, resumable: a seed with DONE is never rerun), then aggregate the per-seed "
+                    "distributional.safetensors of the finished seeds into {out}.",
+        epilog="Any other argument goes to every seed's `fit` after the configs (e.g. --trainer.max_epochs=5); "
+               "{seed} and {seed_dir} in them are filled per seed.")
+    parser.add_argument("--config", action="append", required=True, help="config file (repeat for several)")
+    parser.add_argument("--seeds", required=True, help="e.g. 0-15, 0,3,5 or 0-3,8")
+    parser.add_argument("--root", required=True, help="folder of the seed folders")
+    parser.add_argument("--backend", choices=BACKENDS, default="sequential")
+    parser.add_argument("--max_parallel", type=int, default=None, help="seeds at once (processes, ray)")
+    parser.add_argument("--prefix", default=None,
+                        help="folder of the d-TDA result inside each run folder, when a run wrote several")
+    parser.add_argument("--top_k", type=int, default=10, help="examples printed per statistic")
+    parser.add_argument("--measurement", default="0", help="measurement (index or name) of the printed top examples")
+    parser.add_argument("--out", default=None, help="aggregate folder (default {root}/aggregate)")
+    return parser
+
+
+def run_dtda(argv: list[str]) -> None:
+    """``lightning-attr dtda ...``: run the seed ensemble, print the top examples per statistic and save the aggregate
+    of the finished seeds; exits with 1 when a seed failed (after aggregating the others), 2 on bad input."""
+    from lightning_attr.distributional.aggregate import DistributionalInfluence
+    from lightning_attr.distributional.ensemble import SeedEnsemble
+
+    parser = dtda_parser()
+    opts, fit_args = parser.parse_known_args(argv)
+    try:
+        ensemble = SeedEnsemble(opts.config, opts.seeds, opts.root, opts.backend, opts.max_parallel, fit_args)
+        report = ensemble.run()
+    except (ValueError, OSError, ImportError) as err:
+        parser.error(str(err))
+    if len(report.finished) < 2:
+        parser.exit(1, f"{report}\nd-TDA needs at least two finished seeds: nothing aggregated.\n")
+    try:
+        influence = DistributionalInfluence.from_runs(ensemble.result_folders(opts.prefix))
+        measurement = int(opts.measurement) if opts.measurement.lstrip("-").isdigit() else opts.measurement
+        print_top_examples(influence, opts.top_k, measurement)
+    except (ValueError, OSError) as err:
+        parser.exit(2, f"lightning-attr dtda: {err}\n")
+    paths = influence.save(opts.out or os.path.join(ensemble.root, "aggregate"))
+    print(f"[dtda] aggregate of seeds {influence.seeds}: {paths['tensors']}, {paths['summary']}", flush=True)
+    if not report.ok:
+        parser.exit(1, f"{report}\n")
+
+
+def print_top_examples(influence, k: int, measurement: int | str) -> None:
+    """The ``k`` examples with the largest mean, variance and Wasserstein-2 influence on ``measurement``."""
+    k, name = min(k, influence.num_examples), influence.measurements[influence.measurement_index(measurement)]
+    for statistic in ("mean", "variance", "wasserstein"):
+        examples, values = influence.top_k(statistic, k, measurement)
+        listed = ", ".join(f"{int(e)} ({float(v):+.4g})" for e, v in zip(examples, values))
+        print(f"[dtda] top {k} examples by {statistic} influence on {name}: {listed}", flush=True)
+
+
 def main(args: ArgsType = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point: ``lightning-attr dtda ...`` runs a seed ensemble (:func:`run_dtda`); anything
+    else goes to LightningCLI unchanged."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and argv and argv[0] == "dtda":
+        run_dtda(list(argv[1:]))
+        return
     build_cli(args)
 
 

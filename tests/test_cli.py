@@ -151,3 +151,27 @@ def test_influence_function_spec_parses():
     found = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "InfluenceFunction"]
     assert len(found) == 1 and found[0].method.settings["strategy"] == "ekfac"
     assert found[0].gradients["module_types"] == ["Linear", "Conv2d"] and found[0].schedule.at_fit_end
+
+
+def test_dtda_config_and_the_reverse_mode_spec_parse():
+    """configs/digits_dtda.yaml builds reverse-mode UnrolledDifferentiation on SplitLosses(num=8) over an SGD
+    Classifier; callbacks/unrolled.yaml switched to reverse mode from the command line parses to the same."""
+    from lightning_attr.distributional import SplitLosses
+
+    cli = build_cli(["--config", str(CONFIGS / "digits_dtda.yaml")], run=False)
+    (ud,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "UnrolledDifferentiation"]
+    assert ud.reverse is not None and ud.reverse.every == 32 and ud.examples is None
+    assert isinstance(ud.measurement, SplitLosses) and ud.measurement.split == "val"
+    assert ud.measurement.indices == tuple(range(8))
+    assert cli.model.hparams.optimizer == "sgd" and cli.model.hparams.mask_prob == 0
+    assert cli.trainer.precision == "32-true" and cli.config["seed_everything"] == 0
+    spec = build_cli(["--config", str(CONFIGS / "digits_classifier_resnet.yaml"), "--model.init_args.optimizer=sgd",
+                      "--trainer.callbacks+=" + str(CALLBACKS / "unrolled.yaml"), "--trainer.callbacks.examples=null",
+                      "--trainer.callbacks.measurements={class_path: lightning_attr.distributional.SplitLosses, "
+                      "init_args: {num: 8}}"], run=False)
+    (ud,) = [cb for cb in spec.trainer.callbacks if type(cb).__name__ == "UnrolledDifferentiation"]
+    assert ud.reverse is not None and isinstance(ud.measurement, SplitLosses) and len(ud.measurement.names) == 8
+    forward = build_cli(["--config", str(CONFIGS / "digits_classifier_resnet.yaml"),
+                         "--trainer.callbacks+=" + str(CALLBACKS / "unrolled.yaml")], run=False)
+    (ud,) = [cb for cb in forward.trainer.callbacks if type(cb).__name__ == "UnrolledDifferentiation"]
+    assert ud.examples == tuple(range(8)) and ud.reverse is None

@@ -7,6 +7,7 @@ from lightning_attr.callbacks.influence_function import InfluenceFunction
 from lightning_attr.callbacks.predictions import AttributionWriter
 from lightning_attr.callbacks.tracin import TracIn
 from lightning_attr.callbacks.trak import TRAK
+from lightning_attr.callbacks.unrolled import UnrolledDifferentiation
 
 __all__ = ["AttributionHeatmaps", "AttributionWriter", "InStepTracIn", "InfluenceCallback", "InfluenceFunction", "TRAK",
-           "TracIn"]
+           "TracIn", "UnrolledDifferentiation"]

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from lightning_attr.influence.runner import AttributionData
 
-__all__ = ["StrategyComm", "PassSchedule", "LearningRates", "datamodule_attr", "split", "train_data", "progress"]
+__all__ = ["StrategyComm", "PassSchedule", "LearningRates", "datamodule_attr", "split", "split_datasets", "train_data",
+           "progress", "progress_bar"]
 
 
 class StrategyComm:
@@ -74,6 +75,21 @@ def split(dm: Any, name: str) -> tuple[Dataset | None, Any]:
     return None, None
 
 
+def split_datasets(dm: Any, names: Iterable[str]) -> dict[str, Dataset]:
+    """``{name: dataset}`` of each split in ``names`` from a datamodule's ``splits`` (see :func:`split`); a
+    ``ValueError`` naming the missing splits and the ones there are."""
+    found = {name: split(dm, name)[0] for name in names}
+    missing = [name for name, data in found.items() if data is None]
+    if missing:
+        there, _ = datamodule_attr(dm, "splits")
+        have = sorted(there) if isinstance(there, dict) else "no `splits` dict"
+        raise ValueError(f"the measurements take their queries from the data split(s) {missing}, but the datamodule "
+                         f"({type(dm).__name__}) has {have}; name one of its splits, use a datamodule with a `splits` "
+                         "dict (lightning_attr.ImageDataModule), or bind the measurement yourself: "
+                         "`m.bind({'val': dataset})`.")
+    return found
+
+
 def train_data(trainer: L.Trainer, batch_size: int | None = None) -> AttributionData:
     """The fit's training data, unshuffled: the datamodule's ``splits["train"]`` (``ImageDataModule``, or one wrapping
     it as ``.datamodule``), else the dataset (with collate_fn and workers) behind ``trainer.train_dataloader``."""
@@ -111,7 +127,16 @@ class LearningRates:
         return {n: self.snapshot[id(self.groups[n])] for n in names}
 
 
+def _shows_progress(trainer: L.Trainer) -> bool:
+    return trainer.is_global_zero and trainer.progress_bar_callback is not None
+
+
 def progress(trainer: L.Trainer, desc: str) -> Callable[[Iterable, int], Iterable]:
     """A tqdm bar on rank zero when the trainer shows one: ``bar(iterable, total)``."""
-    show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+    show = _shows_progress(trainer)
     return lambda it, total: tqdm(it, desc=desc, total=total, disable=not show, leave=False, dynamic_ncols=True)
+
+
+def progress_bar(trainer: L.Trainer, desc: str, total: int) -> tqdm:
+    """A tqdm bar of ``total`` steps to ``update()`` by hand, shown on rank zero when the trainer shows one."""
+    return tqdm(desc=desc, total=total, disable=not _shows_progress(trainer), leave=False, dynamic_ncols=True)

@@ -2,10 +2,10 @@
 
 from lightning_attr.data.digits import digits_dataset
 from lightning_attr.data.images import ImageDataModule, IndexedImageDataset, load_image_dataset
-from lightning_attr.data.indexed import IndexedDataset, unpack_batch
+from lightning_attr.data.indexed import IndexedDataset, items_at, unpack_batch
 from lightning_attr.data.label_store import LabelStore
 from lightning_attr.data.oracle import OracleDataModule
 from lightning_attr.data.samplers import UnpaddedDistributedSampler
 
 __all__ = ["ImageDataModule", "IndexedDataset", "IndexedImageDataset", "LabelStore", "OracleDataModule", "UnpaddedDistributedSampler",
-           "digits_dataset", "load_image_dataset", "unpack_batch"]
+           "digits_dataset", "items_at", "load_image_dataset", "unpack_batch"]

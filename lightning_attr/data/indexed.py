@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-__all__ = ["IndexedDataset", "unpack_batch"]
+__all__ = ["IndexedDataset", "items_at", "unpack_batch"]
 
 
 class IndexedDataset(Dataset):
@@ -50,3 +50,14 @@ def unpack_batch(batch: Any, input_key: str = "image", label_key: str = "label",
     if idx.dtype.is_floating_point or idx.dim() != 1:
         raise ValueError(f"example indices must be a 1-D integer tensor, got dtype {idx.dtype}, shape {tuple(idx.shape)}.")
     return x, torch.as_tensor(y), idx
+
+
+def items_at(dataset: Dataset, indices: Sequence[int], input_key: str = "image", label_key: str = "label",
+             collate_fn: Callable[[list], Any] | None = None) -> tuple[Tensor, Tensor]:
+    """``(inputs, labels)`` of ``dataset``'s items at ``indices`` (positions), collated into one batch
+    (``collate_fn``, default torch's ``default_collate``) and unpacked like a training batch (:func:`unpack_batch`:
+    dict items by key, tuple items ``(inputs, labels, ...)``)."""
+    rows = IndexedDataset(dataset)
+    batch = (collate_fn or default_collate)([rows[int(i)] for i in indices])
+    x, y, _ = unpack_batch(batch, input_key, label_key)
+    return x, y

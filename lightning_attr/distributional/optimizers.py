@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SGDHyperparameters", "hyperparameters_by_name", "sgd_hyperparameters"]
+__all__ = ["SGDHyperparameters", "hyperparameters_by_name", "momentum_buffers_by_name", "sgd_hyperparameters",
+           "sgd_step"]
 
 SUPPORTED = ("torch.optim.SGD with lr, momentum, dampening, nesterov, weight_decay and maximize=False; Adam / AdamW / "
              "RMSprop and other adaptive optimizers are not differentiated: train with SGD to use unrolled "
@@ -69,3 +70,34 @@ def hyperparameters_by_name(optimizer: torch.optim.Optimizer, params: Mapping[st
         raise ValueError(f"`params` {missing[:5]} are in no param group of `optimizer`: they are not trained; pass "
                          "only the parameters the optimizer updates.")
     return {name: groups[owner[id(p)]] for name, p in params.items()}
+
+
+def momentum_buffers_by_name(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``{name: detached copy of optimizer.state[params[name]]["momentum_buffer"]}`` for the parameters that have one
+    (none before the first momentum step); matched by identity like :func:`hyperparameters_by_name`."""
+    out = {}
+    for name, p in params.items():
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out[name] = buf.detach().clone()
+    return out
+
+
+def sgd_step(params: Mapping[str, Tensor], momentum_buffers: Mapping[str, Tensor], grads: Mapping[str, Tensor],
+             hyper: Mapping[str, SGDHyperparameters]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One torch.optim.SGD step as a function (same operations in the same order, new tensors, inputs untouched):
+    ``(theta_t, buffers before step t, gradients at theta_t, settings per name) -> (theta_{t+1}, buffers after)``.
+    A parameter without a buffer starts one with the step's (weight-decayed) gradient when its momentum is > 0;
+    with momentum 0 its buffer, if any, is left as it is (as PyTorch does)."""
+    new_params, buffers = {}, dict(momentum_buffers)
+    for name, h in hyper.items():
+        d = grads[name].add(params[name], alpha=h.weight_decay) if h.weight_decay else grads[name]
+        if h.momentum:
+            if name in buffers:
+                buf = buffers[name].mul(h.momentum).add(d, alpha=1 - h.dampening)
+            else:
+                buf = d.clone()
+            buffers[name] = buf
+            d = d.add(buf, alpha=h.momentum) if h.nesterov else buf
+        new_params[name] = params[name].add(d, alpha=-h.lr)
+    return new_params, buffers

@@ -88,9 +88,8 @@ def _flatten(tensors: Mapping[str, Tensor], order: Sequence[str] | None = None) 
     return torch.cat([tensors[n].flatten(1) for n in (order or list(tensors))], dim=1)
 
 
-def _step_gradient(model: nn.Module, batch: MicroBatch, loss_fn: LossFn
-                   ) -> Callable[[dict[str, Tensor], Tensor], dict[str, Tensor]]:
-    """``(params, weights) -> grad_params sum_i weights_i l_i(params)`` on ``batch``."""
+def _step_loss(model: nn.Module, batch: MicroBatch, loss_fn: LossFn) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+    """``(params, weights) -> sum_i weights_i l_i(params)`` on ``batch`` (its gradient in ``weights`` is the losses)."""
     args = batch.inputs if isinstance(batch.inputs, tuple) else (batch.inputs,)
 
     def loss(params: dict[str, Tensor], weights: Tensor) -> Tensor:
@@ -100,7 +99,13 @@ def _step_gradient(model: nn.Module, batch: MicroBatch, loss_fn: LossFn
                              f"{tuple(losses.shape)} (use reduction='none').")
         return (weights * losses).sum()
 
-    return grad(loss)
+    return loss
+
+
+def _step_gradient(model: nn.Module, batch: MicroBatch, loss_fn: LossFn
+                   ) -> Callable[[dict[str, Tensor], Tensor], dict[str, Tensor]]:
+    """``(params, weights) -> grad_params sum_i weights_i l_i(params)`` on ``batch``."""
+    return grad(_step_loss(model, batch, loss_fn))
 
 
 def _check_batch(batch: MicroBatch) -> None:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_attr.estimators.sampling import random_subsets_of_size
 from lightning_attr.games import PatchGame
-from lightning_attr.modules.optim import adamw_cosine
+from lightning_attr.modules.optim import check_optimizer, optimizer_cosine
 from lightning_attr.modules.timm_models import create_timm_model, save_timm_weights
 
 __all__ = ["Classifier"]
@@ -31,7 +31,12 @@ class Classifier(L.LightningModule):
         pretrained / weights_file: start from hub weights or from a local weights file.
         image_size / patch_size / baseline: the masking game (patch grid ``image_size / patch_size``).
         mask_prob: fraction of training images that get masked.
-        lr / weight_decay / warmup_fraction: AdamW with linear warm-up and cosine decay over the run.
+        optimizer: ``"adamw"`` (default: ``torch.optim.AdamW``, decoupled weight decay) or ``"sgd"``
+            (``torch.optim.SGD`` with ``momentum``, weight decay added to the gradient; what
+            :class:`~lightning_attr.callbacks.UnrolledDifferentiation` differentiates). Either way ``lr`` /
+            ``weight_decay`` with linear warm-up over ``warmup_fraction`` of the run and cosine decay to 0, stepped
+            every optimizer step (:mod:`lightning_attr.modules.optim`).
+        momentum: SGD's momentum (unused with ``"adamw"``).
         export_path: when set, the trained timm weights are written there (safetensors) at the end of ``fit``,
             loadable with ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))``.
     """
@@ -52,10 +57,13 @@ class Classifier(L.LightningModule):
         warmup_fraction: float = 0.05,
         label_smoothing: float = 0.0,
         export_path: str | None = None,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_prob <= 1.0:
             raise ValueError(f"`mask_prob` must be in [0, 1], got {mask_prob}.")
+        check_optimizer(optimizer, momentum)
         self.save_hyperparameters()
         self.model = create_timm_model(model_name, pretrained, weights_file, num_classes, **(model_kwargs or {}))
         self.masker = PatchGame(torch.nn.Identity(), patch_size, (image_size, image_size), baseline)
@@ -98,8 +106,9 @@ class Classifier(L.LightningModule):
         return self(batch["image"]).softmax(-1)
 
     def configure_optimizers(self):
-        return adamw_cosine(self, self.model.parameters(), self.hparams.lr, self.hparams.weight_decay,
-                            self.hparams.warmup_fraction)
+        hp = self.hparams
+        return optimizer_cosine(hp.optimizer, self, self.model.parameters(), hp.lr, hp.weight_decay, hp.warmup_fraction,
+                                hp.momentum)
 
     def on_fit_end(self) -> None:
         if self.hparams.export_path and self.trainer.is_global_zero:
