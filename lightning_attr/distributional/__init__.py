@@ -7,11 +7,18 @@ gathered from data-parallel processes and the sweep shared out over them; ``meas
 (query losses, logits, the same on items of a data split bound at fit start, any function of the weights); ``tracking``: forward mode inside a training loop (row weights,
 steps summed over processes, batch statistics, determinism checks, the responses file); ``optimizers``: the SGD
 settings both follow and torch.optim.SGD's step as a function; ``statistics``: mean / variance / Wasserstein-2 /
-quantile influence from coupled per-seed samples.
+quantile influence from coupled per-seed samples; ``influence_function``: the per-seed influence function's result
+(``change = scores / N`` on query losses).
 """
 
 from lightning_attr.distributional.aggregate import DistributionalInfluence
 from lightning_attr.distributional.ensemble import EnsembleReport, SeedEnsemble, SeedOutcome, parse_seeds, run_seed
+from lightning_attr.distributional.influence_function import (
+    IF_METHOD,
+    check_loss_measurement,
+    influence_run_result,
+    loss_queries,
+)
 from lightning_attr.distributional.measurements import (
     LOSSES,
     FunctionMeasurement,
@@ -84,4 +91,5 @@ __all__ = ["ForwardResponse", "LossFn", "MicroBatch", "SGDHyperparameters", "for
            "measure_change", "measure_value", "per_example_loss", "value_and_jacobian",
            "RESPONSES_FILE", "batch_statistics", "check_deterministic", "load_responses", "micro_batch",
            "save_responses", "step_responses", "trained_parameters",
-           "AllGather", "gather_step", "measurement_shares", "replay_divergence", "sweep_in_shares"]
+           "AllGather", "gather_step", "measurement_shares", "replay_divergence", "sweep_in_shares",
+           "IF_METHOD", "check_loss_measurement", "influence_run_result", "loss_queries"]
