@@ -91,6 +91,8 @@ def dtda_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_k", type=int, default=10, help="examples printed per statistic")
     parser.add_argument("--measurement", default="0", help="measurement (index or name) of the printed top examples")
     parser.add_argument("--out", default=None, help="aggregate folder (default {root}/aggregate)")
+    parser.add_argument("--wandb_project", default=None,
+                        help="also log the aggregate (table, top examples, plot) as a W&B run in the seeds' group")
     return parser
 
 
@@ -117,6 +119,12 @@ def run_dtda(argv: list[str]) -> None:
         parser.exit(2, f"lightning-attr dtda: {err}\n")
     paths = influence.save(opts.out or os.path.join(ensemble.root, "aggregate"))
     print(f"[dtda] aggregate of seeds {influence.seeds}: {paths['tensors']}, {paths['summary']}", flush=True)
+    if opts.wandb_project:
+        from lightning_attr.distributional.reporting import log_to_wandb
+
+        group = os.environ.get("WANDB_RUN_GROUP", os.path.basename(ensemble.root))
+        folder = log_to_wandb(influence, opts.wandb_project, group, measurement=measurement, save_dir=ensemble.root)
+        print(f"[dtda] W&B run of the aggregate (group {group}): {folder}", flush=True)
     if not report.ok:
         parser.exit(1, f"{report}\n")
 

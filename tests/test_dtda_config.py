@@ -224,17 +224,22 @@ TINY = ["--trainer.accelerator=cpu", "--trainer.max_epochs=1", "--trainer.limit_
         "--model.init_args.export_path={seed_dir}/weights.safetensors"]
 
 
-def test_dtda_command_runs_the_config_end_to_end(tmp_path, capsys, digits):
+def test_dtda_command_runs_the_config_end_to_end(tmp_path, capsys, digits, monkeypatch):
     """Two seeds of the shipped config (shrunk: 3 steps of 8 examples), one after the other: each seed's result holds
     every training example x the 8 validation losses, its values are those losses at the seed's exported weights, at
     most the 24 examples it trained on have a change, and the saved aggregate equals the one built from the seed
     folders."""
     root = tmp_path / "dtda"
     start = time.perf_counter()
-    main(["dtda", "--config", str(CONFIG), "--seeds", "0-1", "--root", str(root), *TINY])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    main(["dtda", "--config", str(CONFIG), "--seeds", "0-1", "--root", str(root), "--wandb_project", "attr-test",
+          *TINY])
     print(f"lightning-attr dtda, 2 tiny seeds: {time.perf_counter() - start:.1f}s")
     out = capsys.readouterr().out
     assert "[dtda] seed 0: done" in out and "[dtda] seed 1: done" in out and "aggregate of seeds [0, 1]" in out
+    assert "W&B run of the aggregate (group dtda)" in out
+    assert len(list(root.glob("wandb/offline-run-*/files/media/table/dtda/influence*.table.json"))) == 1
     folders = SeedEnsemble(str(CONFIG), [0, 1], str(root), extra_args=TINY, progress=False).result_folders("unrolled")
     n, names = len(digits.splits["train"]), tuple(f"val[{i}]/loss" for i in range(8))
     x, y = stacked(digits.splits["val"], range(8))

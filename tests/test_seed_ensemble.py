@@ -147,6 +147,25 @@ def test_aggregate_matches_the_statistics(tmp_path):
     torch.testing.assert_close(direct.g, inf.g)
 
 
+def test_the_aggregate_is_logged_to_an_offline_wandb_run(tmp_path, monkeypatch):
+    """The per-example table (one row per example, mean / variance / W2 per measurement) and the plot land in an
+    offline W&B run."""
+    pytest.importorskip("wandb")
+    from lightning_attr.distributional.reporting import log_to_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    folders, _, _ = synthetic_runs(str(tmp_path))
+    inf = DistributionalInfluence.from_runs(folders, prefix="unrolled")
+    log_to_wandb(inf, "lightning-attr-test", "ens", save_dir=str(tmp_path))
+    run = next((tmp_path / "wandb").glob("offline-run-*"))
+    (table,) = list(run.glob("files/media/table/dtda/influence*.table.json"))
+    content = json.loads(table.read_text())
+    assert content["columns"] == list(inf.table()[0]) and len(content["data"]) == inf.num_examples
+    assert content["data"][0] == pytest.approx(list(inf.table()[0].values()))
+    assert len(list(run.glob("files/media/images/dtda/distribution*.png"))) == 1
+
+
 def test_top_k_and_table(tmp_path):
     folders, x, g = synthetic_runs(str(tmp_path))
     inf = DistributionalInfluence.from_runs(folders, prefix="unrolled")

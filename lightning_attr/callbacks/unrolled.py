@@ -131,7 +131,8 @@ class UnrolledDifferentiation(L.Callback):
             (the mean over each example's outputs) or a callable. It MUST be the loss your ``training_step`` computes
             from ``self(x)`` (before reduction): the callback differentiates this loss, not your code.
         loss_reduction: how ``training_step`` reduces the batch's losses: ``"mean"`` (default) or ``"sum"``.
-        chunk_size: tracked examples (reverse mode: measurements) per vmapped JVP (None: all at once).
+        chunk_size: forward mode: tracked examples per vmapped JVP (None: all at once); reverse mode takes one
+            measurement at a time.
         checkpoint_every: reverse mode only: store the weights every that many optimizer steps (default 32); memory
             ``T / checkpoint_every`` parameter vectors on CPU, the sweep recomputes the steps between (each once).
         dirpath: folder of the results (default ``{run folder}/{prefix}``, see :func:`~lightning_attr.runs.run_directory`).
@@ -172,8 +173,7 @@ class UnrolledDifferentiation(L.Callback):
         self.seed = None if seed is None else int(seed)
         self.keys = dict(input_key=input_key, label_key=label_key, index_key=index_key)
         self.reverse = None if examples is not None else ReverseRecorder(
-            DEFAULT_EVERY if checkpoint_every is None else checkpoint_every, self.loss_fn, loss_reduction, chunk_size,
-            self.keys)
+            DEFAULT_EVERY if checkpoint_every is None else checkpoint_every, self.loss_fn, loss_reduction, self.keys)
         self.directory: str | None = None
         self.result: RunResult | None = None
         self._state: ForwardResponse | None = None

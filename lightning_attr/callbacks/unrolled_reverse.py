@@ -85,10 +85,9 @@ class ReverseRecorder:
 
     ``trajectory`` counts steps from ``first_step`` (the trainer's global step when recording began)."""
 
-    def __init__(self, every: int, loss_fn: LossFn, loss_reduction: str, chunk_size: int | None,
-                 keys: dict[str, str]) -> None:
+    def __init__(self, every: int, loss_fn: LossFn, loss_reduction: str, keys: dict[str, str]) -> None:
         self.every, self.loss_fn, self.loss_reduction = check_every(every), loss_fn, loss_reduction
-        self.chunk_size, self.keys = chunk_size, keys
+        self.keys = keys
         self.trajectory: Trajectory | None = None
         self.first_step = 0
         self._pending: list[RecordedBatch] = []
@@ -220,8 +219,7 @@ class ReverseRecorder:
                     for name, m in module.named_modules():
                         m.training = modes.get(name, m.training)
                     with batch_statistics(module):
-                        return reverse_sweep(module, self.trajectory, data, self.loss_fn, grads, n, self.chunk_size,
-                                             final_params=params, on_step=lambda _: bar.update())
+                        return reverse_sweep(module, self.trajectory, data, self.loss_fn, grads, n, final_params=params, on_step=lambda _: bar.update())
             finally:
                 bar.close()
 

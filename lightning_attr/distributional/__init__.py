@@ -43,6 +43,7 @@ from lightning_attr.distributional.optimizers import (
     sgd_step,
 )
 from lightning_attr.distributional.recording import AllGather, gather_step, measurement_shares, sweep_in_shares
+from lightning_attr.distributional.reporting import log_to_wandb
 from lightning_attr.distributional.reverse import (
     Checkpoint,
     DataFn,
@@ -92,4 +93,4 @@ __all__ = ["ForwardResponse", "LossFn", "MicroBatch", "SGDHyperparameters", "for
            "RESPONSES_FILE", "batch_statistics", "check_deterministic", "load_responses", "micro_batch",
            "save_responses", "step_responses", "trained_parameters",
            "AllGather", "gather_step", "measurement_shares", "replay_divergence", "sweep_in_shares",
-           "IF_METHOD", "check_loss_measurement", "influence_run_result", "loss_queries"]
+           "IF_METHOD", "check_loss_measurement", "influence_run_result", "loss_queries", "log_to_wandb"]

@@ -33,12 +33,14 @@ keeps its buffer untouched (as PyTorch does), so ``nu`` passes through. Learning
 and weight decay may differ per parameter and per step. A trajectory that starts from a checkpoint holding momentum
 buffers (a resumed run) attributes the recorded steps only: those buffers do not depend on ``epsilon``.
 
-Cost per step and micro-batch: ONE Jacobian-vector product, of ``(params, w) -> (grad_params L, grad_w L = losses)`` in
-the direction ``(e, 0)``, gives both ``H e`` and every row's ``e^T grad l_i``; it is vmapped over the Q measurements.
+Cost per step and micro-batch: the gradient ``g = grad_params L`` with its graph, then per measurement ONE backward of
+``g . e`` in ``(params, w)`` (``w`` the row weights, ``g = sum_i w_i grad l_i``), which gives both ``H e`` and every row's
+``e^T grad l_i``.
 The weights ``theta_t`` are needed in reverse order: they are recomputed forward from the nearest stored checkpoint
 with :func:`~lightning_attr.distributional.optimizers.sgd_step` (exactly torch.optim.SGD's update), one segment of
 ``every`` steps at a time (memory: one segment's weights and micro-batches, the (N, Q) result, 2Q parameter vectors;
-never an (N, P) matrix). So a sweep costs about one gradient (replay) plus Q JVPs of the gradient per step.
+never an (N, P) matrix). So a sweep costs about one gradient (replay) plus one gradient with its graph and Q double
+backwards per step.
 
 Replay is exact only if the model's forward is deterministic given its parameters (no dropout draws; eval-mode batch
 norm or fixed statistics), ``data(indices)`` returns the same rows as in training, and every trained parameter gets a
@@ -57,7 +59,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad
 
 from lightning_attr.distributional.optimizers import SGDHyperparameters, sgd_step
 from lightning_attr.distributional.unrolled import LossFn, MicroBatch, _check_batch, _per_parameter, _step_loss
@@ -265,21 +267,32 @@ def replay(model: nn.Module, trajectory: Trajectory, data: DataFn, loss_fn: Loss
 
 
 def _curvature_and_rows(model: nn.Module, params: dict[str, Tensor], batch: MicroBatch, loss_fn: LossFn,
-                        e: dict[str, Tensor], chunk_size: int | None) -> tuple[dict[str, Tensor], Tensor]:
-    """``(H_B e (Q, *shape) per parameter, e^T grad l_i (Q, B))`` for Q directions ``e``: one JVP of
-    ``(params, w) -> (grad_params L_B, grad_w L_B)`` in the direction ``(e, 0)``, vmapped over Q."""
-    both = grad(_step_loss(model, batch, loss_fn), argnums=(0, 1))
-    zero = torch.zeros_like(batch.weights)
-
-    def tangent(e_q: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-        return jvp(both, (params, batch.weights), (e_q, zero))[1]
-
-    return vmap(tangent, chunk_size=chunk_size)(e)
+                        e: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+    """``(H_B e (Q, *shape) per parameter, e^T grad l_i (Q, B))`` for Q directions ``e``, by double backward: the
+    gradient ``g = grad_params L_B`` with its graph, then per direction ``grad (g . e_q)`` in ``(params, w)``: ``H_B e_q``
+    and, since ``g = sum_i w_i grad l_i``, each row's ``e_q^T grad l_i``. (Plain autograd: on small models a
+    ``vmap``-ed forward-over-reverse JVP costs about twice as much in overhead.)"""
+    names = list(params)
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    w = batch.weights.detach().clone().requires_grad_(True)
+    inputs = [leaves[n] for n in names] + [w]
+    q = e[names[0]].shape[0]
+    he: dict[str, list[Tensor]] = {n: [] for n in names}
+    rows = []
+    with torch.enable_grad():
+        g = torch.autograd.grad(_step_loss(model, batch, loss_fn)(leaves, w), inputs[:-1], create_graph=True)
+        for k in range(q):
+            dot = sum((gi * e[n][k]).sum() for gi, n in zip(g, names))
+            out = torch.autograd.grad(dot, inputs, retain_graph=k < q - 1, allow_unused=True)
+            for n, o, leaf in zip(names, out, inputs):
+                he[n].append(torch.zeros_like(leaf) if o is None else o.detach())
+            rows.append(torch.zeros_like(w) if out[-1] is None else out[-1].detach())
+    return {n: torch.stack(v) for n, v in he.items()}, torch.stack(rows)
 
 
 def adjoint_step(model: nn.Module, state: ReplayState, hyper: Mapping[str, SGDHyperparameters], loss_fn: LossFn,
                  adjoint: tuple[dict[str, Tensor], dict[str, Tensor]], influence: Tensor,
-                 chunk_size: int | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One step of the sweep: the adjoint ``(lambda_{t+1}, nu_{t+1})`` ({name: (Q, *shape)} each) after step
     ``state.step`` -> ``(lambda_t, nu_t)`` before it; adds the step's term ``-sum_i w_i e^T grad l_i`` to
     ``influence`` (N, Q) in place at each row's dataset index (see the module docstring)."""
@@ -297,7 +310,7 @@ def adjoint_step(model: nn.Module, state: ReplayState, hyper: Mapping[str, SGDHy
         nu_before[n] = torch.zeros_like(c) if first else h.momentum * c
     he: dict[str, Tensor] = {}
     for batch in state.batches:
-        part, rows = _curvature_and_rows(model, state.params, batch, loss_fn, e, chunk_size)
+        part, rows = _curvature_and_rows(model, state.params, batch, loss_fn, e)
         he = part if not he else {n: he[n] + part[n] for n in he}
         influence.index_add_(0, batch.indices.to(influence.device), -(batch.weights.unsqueeze(1) * rows.T))
     lam_before = {n: lam[n] + he[n] + h.weight_decay * e[n] if h.weight_decay else lam[n] + he[n]
@@ -374,7 +387,7 @@ def _segment(model: nn.Module, trajectory: Trajectory, data: DataFn, loss_fn: Lo
 
 
 def reverse_sweep(model: nn.Module, trajectory: Trajectory, data: DataFn, loss_fn: LossFn,
-                  measurement_grad: Mapping[str, Tensor], num_examples: int, chunk_size: int | None = None,
+                  measurement_grad: Mapping[str, Tensor], num_examples: int,
                   final_params: Mapping[str, Tensor] | None = None, tolerance: float | None = None,
                   on_step: Callable[[int], None] | None = None) -> Tensor:
     """Predicted change of each of Q measurements when each training example is removed, ``grad m^T r_T`` (first
@@ -389,7 +402,6 @@ def reverse_sweep(model: nn.Module, trajectory: Trajectory, data: DataFn, loss_f
         measurement_grad: ``{name: (Q, *param.shape)}`` the gradients of the Q measurements at the final weights
             ``theta_T`` (e.g. :func:`~lightning_attr.distributional.unrolled.measurement_jacobian`).
         num_examples: N, the training set size (> every recorded index).
-        chunk_size: measurements per vmapped JVP (None: all Q at once).
         final_params: optional, the trained weights ``theta_T`` (name -> tensor): the replay of the last segment is
             then carried one step further and must reach them (a ``ValueError`` otherwise; costs one gradient).
         tolerance: allowed :func:`replay_divergence` for that check (default 1e-6 in float64, 2e-2 otherwise).
@@ -409,7 +421,7 @@ def reverse_sweep(model: nn.Module, trajectory: Trajectory, data: DataFn, loss_f
         segment = _segment(model, trajectory, data, loss_fn, (start, stop), final, tolerance)
         for state in reversed(segment):
             hyper = _per_parameter(trajectory.steps[state.step].hyper, names)
-            adjoint = adjoint_step(model, state, hyper, loss_fn, adjoint, influence, chunk_size)
+            adjoint = adjoint_step(model, state, hyper, loss_fn, adjoint, influence)
             if on_step is not None:
                 on_step(state.step)
         del segment
