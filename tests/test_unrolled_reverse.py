@@ -16,15 +16,8 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from lightning_attr.callbacks import UnrolledDifferentiation
-from lightning_attr.distributional import (
-    FunctionMeasurement,
-    QueryLogits,
-    QueryLosses,
-    RecordedBatch,
-    gather_step,
-    measurement_shares,
-    sweep_in_shares,
-)
+from lightning_attr.distributional import FunctionMeasurement, QueryLogits, QueryLosses, RecordedBatch
+from lightning_attr.distributional.recording import gather_step, measurement_shares, sweep_in_shares
 from lightning_attr.distributional.results import read_run_result
 
 F64 = torch.float64

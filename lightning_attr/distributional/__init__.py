@@ -1,26 +1,22 @@
-"""Distributional training data attribution (d-TDA, arXiv 2506.12965): the functional core.
+"""Distributional training data attribution (d-TDA, arXiv 2506.12965).
 
 ``unrolled``: forward-mode unrolled differentiation of torch.optim.SGD training (the response ``r = d theta / d
-epsilon`` of down-weighting tracked examples, and the predicted change ``grad m^T r`` of measurements);
-``reverse``: reverse mode, the adjoint sweep over a recorded run for every example at once; ``recording``: that record
-gathered from data-parallel processes and the sweep shared out over them; ``measurements``: what is measured
-(query losses, logits, the same on items of a data split bound at fit start, any function of the weights); ``tracking``: forward mode inside a training loop (row weights,
-steps summed over processes, batch statistics, determinism checks, the responses file); ``optimizers``: the SGD
-settings both follow and torch.optim.SGD's step as a function; ``statistics``: mean / variance / Wasserstein-2 /
-quantile influence from coupled per-seed samples; ``influence_function``: the per-seed influence function's result
-(``change = scores / N`` on query losses).
+epsilon`` of down-weighting tracked examples, and the predicted change ``grad m^T r`` of measurements; the math, sign
+and 1/N are written there); ``reverse``: reverse mode, the adjoint sweep over a recorded run for every example at
+once; ``recording``: that record gathered from data-parallel processes and the sweep shared out over them;
+``measurements``: what is measured (query losses, logits, the same on items of a data split bound at fit start, any
+function of the weights); ``tracking``: forward mode inside a training loop (row weights, steps summed over processes,
+batch statistics, determinism checks, the responses file); ``optimizers``: the SGD settings both follow and
+torch.optim.SGD's step as a function; ``statistics``: mean / variance / Wasserstein-2 / quantile influence from coupled
+per-seed samples; ``results``: one run's result on disk; ``influence_function``: the per-seed influence function's
+result; ``ensemble``: one run per seed (sequential, processes or Ray); ``aggregate``: the distributional influence of
+the finished seeds; ``reporting``: the aggregate in W&B. The names below are the public surface; the modules hold the
+rest.
 """
 
 from lightning_attr.distributional.aggregate import DistributionalInfluence
-from lightning_attr.distributional.ensemble import EnsembleReport, SeedEnsemble, SeedOutcome, parse_seeds, run_seed
-from lightning_attr.distributional.influence_function import (
-    IF_METHOD,
-    check_loss_measurement,
-    influence_run_result,
-    loss_queries,
-)
+from lightning_attr.distributional.ensemble import EnsembleReport, SeedEnsemble, parse_seeds
 from lightning_attr.distributional.measurements import (
-    LOSSES,
     FunctionMeasurement,
     Measurement,
     Measurements,
@@ -28,50 +24,24 @@ from lightning_attr.distributional.measurements import (
     QueryLosses,
     SplitLogits,
     SplitLosses,
-    SplitQueries,
     as_measurement,
-    measure_change,
-    measure_value,
-    per_example_loss,
-    value_and_jacobian,
 )
 from lightning_attr.distributional.optimizers import (
     SGDHyperparameters,
     hyperparameters_by_name,
     momentum_buffers_by_name,
     sgd_hyperparameters,
-    sgd_step,
 )
-from lightning_attr.distributional.recording import AllGather, gather_step, measurement_shares, sweep_in_shares
 from lightning_attr.distributional.reporting import log_to_wandb
-from lightning_attr.distributional.reverse import (
-    Checkpoint,
-    DataFn,
-    RecordedBatch,
-    RecordedStep,
-    ReplayState,
-    Trajectory,
-    adjoint_step,
-    replay,
-    replay_divergence,
-    reverse_sweep,
-)
+from lightning_attr.distributional.results import RunResult, read_run_result, write_run_result
+from lightning_attr.distributional.reverse import RecordedBatch, Trajectory, replay, replay_divergence, reverse_sweep
 from lightning_attr.distributional.statistics import (
     mean_influence,
     quantile_influence,
     variance_influence,
     wasserstein_influence,
 )
-from lightning_attr.distributional.tracking import (
-    RESPONSES_FILE,
-    batch_statistics,
-    check_deterministic,
-    load_responses,
-    micro_batch,
-    save_responses,
-    step_responses,
-    trained_parameters,
-)
+from lightning_attr.distributional.tracking import load_responses
 from lightning_attr.distributional.unrolled import (
     ForwardResponse,
     LossFn,
@@ -81,16 +51,10 @@ from lightning_attr.distributional.unrolled import (
     predict_change,
 )
 
-__all__ = ["ForwardResponse", "LossFn", "MicroBatch", "SGDHyperparameters", "forward_step", "hyperparameters_by_name",
-           "mean_influence", "measurement_jacobian", "predict_change", "quantile_influence", "sgd_hyperparameters",
-           "variance_influence", "wasserstein_influence",
-           "Checkpoint", "DataFn", "RecordedBatch", "RecordedStep", "ReplayState", "Trajectory", "adjoint_step",
-           "momentum_buffers_by_name", "replay", "reverse_sweep", "sgd_step",
-           "DistributionalInfluence", "EnsembleReport", "SeedEnsemble", "SeedOutcome", "parse_seeds", "run_seed",
-           "LOSSES", "FunctionMeasurement", "Measurement", "Measurements", "QueryLogits", "QueryLosses", "SplitLogits",
-           "SplitLosses", "SplitQueries", "as_measurement",
-           "measure_change", "measure_value", "per_example_loss", "value_and_jacobian",
-           "RESPONSES_FILE", "batch_statistics", "check_deterministic", "load_responses", "micro_batch",
-           "save_responses", "step_responses", "trained_parameters",
-           "AllGather", "gather_step", "measurement_shares", "replay_divergence", "sweep_in_shares",
-           "IF_METHOD", "check_loss_measurement", "influence_run_result", "loss_queries", "log_to_wandb"]
+__all__ = ["DistributionalInfluence", "EnsembleReport", "ForwardResponse", "FunctionMeasurement", "LossFn",
+           "Measurement", "Measurements", "MicroBatch", "QueryLogits", "QueryLosses", "RecordedBatch", "RunResult",
+           "SGDHyperparameters", "SeedEnsemble", "SplitLogits", "SplitLosses", "Trajectory", "as_measurement",
+           "forward_step", "hyperparameters_by_name", "load_responses", "log_to_wandb", "mean_influence",
+           "measurement_jacobian", "momentum_buffers_by_name", "parse_seeds", "predict_change", "quantile_influence",
+           "read_run_result", "replay", "replay_divergence", "reverse_sweep", "sgd_hyperparameters",
+           "variance_influence", "wasserstein_influence", "write_run_result"]
