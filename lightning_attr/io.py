@@ -5,14 +5,16 @@ the file and the fix, never a silent wrong number)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["atomic_write", "atomic_save", "CorruptArtifactError", "sha256_file", "save_tensors", "load_tensors",
+__all__ = ["atomic_write", "atomic_save", "save_json", "CorruptArtifactError", "sha256_file", "save_tensors", "load_tensors",
            "tensors_digest"]
 
 
@@ -39,6 +41,12 @@ def atomic_write(path: str, write: Callable[[str], None]) -> str:
 def atomic_save(obj: object, path: str) -> str:
     """``torch.save(obj)`` to ``path`` atomically."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_json(obj: Any, path: str, indent: int = 1) -> str:
+    """``obj`` as JSON text in ``path``, atomically (UTF-8); returns ``path``."""
+    text = json.dumps(obj, indent=indent)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:

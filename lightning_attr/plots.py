@@ -8,7 +8,17 @@ from torch import Tensor
 
 from lightning_attr.io import atomic_write
 
-__all__ = ["attribution_heatmaps"]
+__all__ = ["attribution_heatmaps", "save_figure"]
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> str:
+    """Write a matplotlib figure to ``path`` as PNG, atomically, and close it; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def attribution_heatmaps(
@@ -48,7 +58,4 @@ def attribution_heatmaps(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)

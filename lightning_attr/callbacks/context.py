@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from lightning_attr.influence.runner import AttributionData
 
-__all__ = ["StrategyComm", "PassSchedule", "LearningRates", "datamodule_attr", "split", "split_datasets", "train_data",
+__all__ = ["StrategyComm", "PassSchedule", "LearningRates", "bind_splits", "datamodule_attr", "split", "split_datasets",
+           "train_data",
            "progress", "progress_bar"]
 
 
@@ -88,6 +89,13 @@ def split_datasets(dm: Any, names: Iterable[str]) -> dict[str, Dataset]:
                          "dict (lightning_attr.ImageDataModule), or bind the measurement yourself: "
                          "`m.bind({'val': dataset})`.")
     return found
+
+
+def bind_splits(measurement: Any, trainer: L.Trainer, input_key: str, label_key: str) -> None:
+    """Give a measurement that takes its queries from data splits (``measurement.splits``, e.g. ``SplitLosses``)
+    those splits of the trainer's datamodule (:func:`split_datasets`); nothing for one that holds its queries."""
+    if measurement.splits:
+        measurement.bind(split_datasets(trainer.datamodule, measurement.splits), input_key, label_key)
 
 
 def train_data(trainer: L.Trainer, batch_size: int | None = None) -> AttributionData:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import lightning as L
@@ -10,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_attr.callbacks.context import split_datasets
+from lightning_attr.callbacks.context import bind_splits
 from lightning_attr.callbacks.influence import InfluenceCallback
 from lightning_attr.distributional.influence_function import (
     check_loss_measurement,
@@ -18,7 +17,7 @@ from lightning_attr.distributional.influence_function import (
     loss_queries,
 )
 from lightning_attr.distributional.measurements import QueryLosses, SplitLosses, measure_value
-from lightning_attr.distributional.results import RunResult, write_run_result
+from lightning_attr.distributional.results import RunResult, result_seed, write_run_result
 from lightning_attr.influence.attribution import Attribution, Normalize
 from lightning_attr.influence.influence_function import InfluenceFunctionMethod
 from lightning_attr.influence.isolation import isolated
@@ -95,15 +94,10 @@ class InfluenceFunction(InfluenceCallback):
         m = self.distributional
         if m is None:
             return
-        if self._seed() is None:
+        if result_seed(self.run_seed) is None:
             raise ValueError("`distributional` results are written with the run's seed: call "
                              "lightning.seed_everything(seed) before fit or pass `run_seed=` to InfluenceFunction.")
-        if m.splits:  # SplitLosses: the same items of the split for every seed
-            m.bind(split_datasets(trainer.datamodule, m.splits), self.keys["input_key"], self.keys["label_key"])
-
-    def _seed(self) -> int | None:
-        env = os.environ.get("PL_GLOBAL_SEED")
-        return self.run_seed if self.run_seed is not None else int(env) if env not in (None, "") else None
+        bind_splits(m, trainer, self.keys["input_key"], self.keys["label_key"])  # SplitLosses: the same items
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -114,7 +108,7 @@ class InfluenceFunction(InfluenceCallback):
         scores = self.scores(loss_queries(m))  # every rank, from the stored files: all ranks agree
         with isolated(pl_module):
             value = measure_value(m, pl_module, dict(pl_module.named_parameters()))
-        self.result = influence_run_result(scores, value, m.names, self._seed())
+        self.result = influence_run_result(scores, value, m.names, result_seed(self.run_seed))
         if trainer.is_global_zero:
             write_run_result(self.directory, self.result)
         if trainer.world_size > 1:

@@ -3,9 +3,7 @@ known, and the top-k proponents / opponents of a few tracked queries (a JSON fil
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
@@ -20,7 +18,7 @@ from lightning_attr.data.indexed import unpack_batch
 from lightning_attr.influence.attribution import Attribution
 from lightning_attr.influence.reporting import noisy_label_metrics, noisy_mask, topk_rows
 from lightning_attr.influence.topk import topk_blockwise
-from lightning_attr.io import atomic_write
+from lightning_attr.io import save_json
 
 __all__ = ["Reporter", "to_image"]
 
@@ -92,9 +90,7 @@ class Reporter:
             scores = attribution.tracked_scores()
             top = topk_blockwise(lambda a, b: scores[a:b], attribution.num_rows, self.top_k)
             rows = topk_rows(top, queries)
-            text = json.dumps(rows, indent=1)
-            atomic_write(os.path.join(attribution.store.directory, f"topk-{name}.json"),
-                         lambda tmp: Path(tmp).write_text(text))
+            save_json(rows, os.path.join(attribution.store.directory, f"topk-{name}.json"))
             self._table(trainer, rows, queries, dataset, f"{prefix}/top_k")
         return metrics
 

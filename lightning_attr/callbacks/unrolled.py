@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_attr.callbacks.context import StrategyComm, split_datasets, train_data
+from lightning_attr.callbacks.context import StrategyComm, bind_splits, train_data
 from lightning_attr.callbacks.unrolled_reverse import DEFAULT_EVERY, ReverseRecorder
 from lightning_attr.data.indexed import unpack_batch
 from lightning_attr.distributional.measurements import (
@@ -37,16 +37,15 @@ from lightning_attr.distributional.measurements import (
     per_example_loss,
 )
 from lightning_attr.distributional.optimizers import hyperparameters_by_name, sgd_hyperparameters
-from lightning_attr.distributional.results import RunResult, write_run_result
+from lightning_attr.distributional.results import RunResult, result_seed, write_run_result
 from lightning_attr.distributional.tracking import (
     batch_statistics,
     check_deterministic,
     micro_batch,
     save_responses,
-    step_responses,
     trained_parameters,
 )
-from lightning_attr.distributional.unrolled import ForwardResponse, LossFn
+from lightning_attr.distributional.unrolled import ForwardResponse, LossFn, forward_step
 from lightning_attr.influence.isolation import isolated
 from lightning_attr.runs import run_directory
 
@@ -245,19 +244,12 @@ class UnrolledDifferentiation(L.Callback):
             sgd_hyperparameters(trainer.optimizers[0])
         except ValueError as err:  # names the optimizer when it is not SGD
             raise ValueError(f"{err} With lightning_attr.Classifier, set `optimizer: sgd`.") from err
-        if self.measurement is not None and self._run_seed() is None:
+        if self.measurement is not None and result_seed(self.seed) is None:
             raise ValueError("`measurements` are written with the run's seed: call lightning.seed_everything(seed) "
                              "before fit or pass `seed=` to UnrolledDifferentiation.")
-        if self.measurement is not None and self.measurement.splits:  # SplitLosses / SplitLogits: take the queries
-            self.measurement.bind(split_datasets(trainer.datamodule, self.measurement.splits),
-                                  self.keys["input_key"], self.keys["label_key"])
+        if self.measurement is not None:  # SplitLosses / SplitLogits: take the queries
+            bind_splits(self.measurement, trainer, self.keys["input_key"], self.keys["label_key"])
         self._module = pl_module
-
-    def _run_seed(self) -> int | None:
-        if self.seed is not None:
-            return self.seed
-        env = os.environ.get("PL_GLOBAL_SEED")
-        return int(env) if env not in (None, "") else None
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -332,8 +324,8 @@ class UnrolledDifferentiation(L.Callback):
                    for x, y, idx in micro]
         reduce = comm.all_reduce_sum if comm.world_size > 1 else None
         with torch.enable_grad(), batch_statistics(pl_module):
-            self._state = step_responses(pl_module, params, self._state, batches, self.loss_fn, hyper,
-                                         self.chunk_size, reduce)
+            self._state = forward_step(pl_module, params, self._state, batches, self.loss_fn, hyper,
+                                       self.chunk_size, reduce)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -350,11 +342,12 @@ class UnrolledDifferentiation(L.Callback):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.reverse is not None and not trainer.fast_dev_run:
-            self.result = self.reverse.finish(trainer, pl_module, self.measurement, self._run_seed(), self.directory)
+            self.result = self.reverse.finish(trainer, pl_module, self.measurement, result_seed(self.seed),
+                                              self.directory)
         if self._state is None or trainer.fast_dev_run:
             return
         if trainer.is_global_zero:
-            seed = self._run_seed()
+            seed = result_seed(self.seed)
             meta = {"method": METHOD, "seed": "" if seed is None else str(seed)}
             save_responses(self.directory, self._state, meta)
             if self.measurement is not None:

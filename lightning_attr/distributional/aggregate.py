@@ -15,7 +15,6 @@ Files written by :meth:`DistributionalInfluence.save` (atomically) in ``folder``
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,8 @@ from torch import Tensor
 
 from lightning_attr.distributional import statistics
 from lightning_attr.distributional.results import read_run_result, stack_results
-from lightning_attr.io import atomic_write, load_tensors, save_tensors
+from lightning_attr.io import load_tensors, save_json, save_tensors
+from lightning_attr.plots import save_figure
 
 __all__ = ["AGGREGATE", "SUMMARY", "DistributionalInfluence"]
 
@@ -176,13 +176,7 @@ class DistributionalInfluence:
                    **{name: self.statistic(name) for name in STATISTICS[:3]}}
         tensors_path = os.path.join(folder, AGGREGATE)
         save_tensors(tensors_path, tensors, {"measurements": ",".join(self.measurements), "method": self.method})
-        text = json.dumps(self.summary(), indent=2)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-
-        return {"tensors": tensors_path, "summary": atomic_write(os.path.join(folder, SUMMARY), write)}
+        return {"tensors": tensors_path, "summary": save_json(self.summary(), os.path.join(folder, SUMMARY), indent=2)}
 
     def plot(self, examples: Sequence[int], measurement: int | str = 0, path: str | None = None,
              actual: Tensor | Mapping[int, Tensor] | None = None):
@@ -215,12 +209,7 @@ class DistributionalInfluence:
         axes[0, 0].set_ylabel(f"fraction of {self.num_seeds} seeds", fontsize=8)
         axes[0, 0].legend(fontsize=7, loc="upper left")
         fig.tight_layout()
-        if path is None:
-            return fig
-        try:
-            return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-        finally:
-            plt.close(fig)
+        return fig if path is None else save_figure(fig, path)
 
     def positions(self, examples: Sequence[int]) -> list[int]:
         """Columns of ``examples`` (dataset indices) in ``self.examples``."""

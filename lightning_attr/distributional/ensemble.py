@@ -56,7 +56,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from lightning_attr.distributional.results import FILENAME
-from lightning_attr.io import CorruptArtifactError, atomic_write, sha256_file
+from lightning_attr.io import CorruptArtifactError, save_json, sha256_file
 
 __all__ = ["BACKENDS", "EnsembleReport", "SeedEnsemble", "SeedOutcome", "parse_seeds", "run_seed"]
 
@@ -217,13 +217,7 @@ def write_done(folder: str, seed: int, command: list[str], recipe: dict, wall_s:
     configs = [os.path.dirname(rel) or "." for rel in files if os.path.basename(rel) == "config.yaml"]
     record = dict(seed=seed, command=command, recipe=recipe, wall_s=round(wall_s, 3), finished=utc_now(),
                   run_dir=configs[0] if len(configs) == 1 else None, files=files)
-    text = json.dumps(record, indent=2)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    return atomic_write(os.path.join(folder, DONE), write)
+    return save_json(record, os.path.join(folder, DONE), indent=2)
 
 
 def last_error(log: str, tail: int = 1 << 16, limit: int = 500) -> str:

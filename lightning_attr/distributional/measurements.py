@@ -25,13 +25,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import Dataset
 
 from lightning_attr.data.indexed import items_at
 from lightning_attr.distributional.unrolled import ForwardResponse, LossFn, measurement_jacobian, predict_change
+from lightning_attr.influence.outputs import cross_entropy
 
 __all__ = ["LOSSES", "FunctionMeasurement", "Measurement", "Measurements", "QueryLogits", "QueryLosses",
            "SplitLogits", "SplitLosses", "SplitQueries", "as_measurement", "measure_change", "measure_value",
@@ -40,15 +40,11 @@ __all__ = ["LOSSES", "FunctionMeasurement", "Measurement", "Measurements", "Quer
 Params = Mapping[str, Tensor]
 
 
-def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits, targets, reduction="none")
-
-
 def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
     return (outputs - targets.reshape(outputs.shape)).pow(2).flatten(1).mean(1)
 
 
-LOSSES: dict[str, LossFn] = {"cross_entropy": _cross_entropy, "mse": _mse}
+LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": _mse}
 """Per-example losses ``(outputs, targets) -> (B,)`` by name: ``cross_entropy`` (``F.cross_entropy`` of logits and
 class indices) and ``mse`` (the squared error averaged over each example's outputs: their mean over the batch is
 ``F.mse_loss(outputs, targets)``)."""

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lightning_attr.io import CorruptArtifactError, load_tensors, save_tensors
 
-__all__ = ["FILENAME", "RunResult", "read_run_result", "stack_results", "write_run_result"]
+__all__ = ["FILENAME", "RunResult", "read_run_result", "result_seed", "stack_results", "write_run_result"]
 
 FILENAME = "distributional.safetensors"
 
@@ -47,6 +47,15 @@ class RunResult:
         if len(self.measurements) != q or any("," in m for m in self.measurements):
             raise ValueError(f"`measurements` must name each of the Q={q} columns (no commas), got "
                              f"{list(self.measurements)}.")
+
+
+def result_seed(seed: int | None = None) -> int | None:
+    """The seed a run's result is written with: ``seed`` when given, else the one ``lightning.seed_everything`` set
+    (``PL_GLOBAL_SEED``), else None."""
+    if seed is not None:
+        return int(seed)
+    env = os.environ.get("PL_GLOBAL_SEED")
+    return int(env) if env not in (None, "") else None
 
 
 def write_run_result(folder: str, result: RunResult) -> str:

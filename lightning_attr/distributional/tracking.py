@@ -1,6 +1,6 @@
 """Forward-mode responses tracked inside a training loop, Lightning-free: the trained parameters of an optimizer, the
-loss weight of each row of a step, one step summed over data-parallel processes, the checks that the training forward
-is a function of the parameters, and the responses file.
+loss weight of each row of a step (a step spread over data-parallel processes: ``forward_step(..., all_reduce_sum=)``),
+the checks that the training forward is a function of the parameters, and the responses file.
 
 Weights (the convention of :mod:`lightning_attr.distributional.unrolled`): a row's loss enters the step's loss with
 coefficient ``1 / (B * A * W)`` for a mean-reduced micro-batch loss of ``B`` rows, ``A`` accumulated micro-batches and
@@ -14,23 +14,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from lightning_attr.distributional.optimizers import SGDHyperparameters
-from lightning_attr.distributional.unrolled import (
-    ForwardResponse,
-    LossFn,
-    MicroBatch,
-    gradient_response,
-    sgd_response_update,
-)
+from lightning_attr.distributional.unrolled import ForwardResponse, MicroBatch
 from lightning_attr.io import load_tensors, save_tensors
 
 __all__ = ["RESPONSES_FILE", "batch_statistics", "check_deterministic", "load_responses", "micro_batch",
-           "save_responses", "step_responses", "trained_parameters"]
+           "save_responses", "trained_parameters"]
 
 RESPONSES_FILE = "responses.safetensors"
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -90,35 +83,6 @@ def micro_batch(inputs: Tensor | tuple[Tensor, ...], targets: Tensor, indices: T
     scale = (b if reduction == "mean" else 1) * accumulate * world_size
     weights = torch.full((b,), 1.0 / scale, dtype=torch.float64, device=indices.device)
     return MicroBatch(inputs, targets, weights, indices)
-
-
-def _sum_over_processes(dg: dict[str, Tensor], all_reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
-    names = list(dg)
-    flat = all_reduce_sum(torch.cat([dg[n].flatten() for n in names]))
-    parts = flat.split([dg[n].numel() for n in names])
-    return {n: part.view_as(dg[n]) for n, part in zip(names, parts)}
-
-
-def step_responses(model: nn.Module, params: Mapping[str, Tensor], state: ForwardResponse,
-                   batches: Sequence[MicroBatch], loss_fn: LossFn, hyper: Mapping[str, SGDHyperparameters],
-                   chunk_size: int | None = None, all_reduce_sum: Callable[[Tensor], Tensor] | None = None
-                   ) -> ForwardResponse:
-    """One optimizer step of the responses (:func:`~lightning_attr.distributional.unrolled.forward_step`) when the
-    step's micro-batches are spread over processes: each process passes its own ``batches`` and ``all_reduce_sum``
-    (a sum over processes of a tensor, in place or returned); the gradient's response is summed before the SGD update,
-    so every process returns the same state. ``all_reduce_sum=None``: one process."""
-    if not batches:
-        raise ValueError("`batches` is empty: an optimizer step needs at least one micro-batch.")
-    missing = [n for n in state.r if n not in hyper]
-    if missing:
-        raise ValueError(f"`hyper` has no settings for parameters {missing[:5]}.")
-    dg: dict[str, Tensor] = {}
-    for batch in batches:
-        part = gradient_response(model, params, state, batch, loss_fn, chunk_size)
-        dg = part if not dg else {n: dg[n] + part[n] for n in dg}
-    if all_reduce_sum is not None:
-        dg = _sum_over_processes(dg, all_reduce_sum)
-    return sgd_response_update(state, dg, {n: hyper[n] for n in state.r})
 
 
 def save_responses(folder: str, response: ForwardResponse, metadata: Mapping[str, str] | None = None) -> str:

@@ -159,7 +159,8 @@ def sgd_response_update(state: ForwardResponse, dg: Mapping[str, Tensor],
 
 def forward_step(model: nn.Module, params: Params, state: ForwardResponse, batches: MicroBatch | Sequence[MicroBatch],
                  loss_fn: LossFn, hyper: SGDHyperparameters | Mapping[str, SGDHyperparameters],
-                 chunk_size: int | None = None) -> ForwardResponse:
+                 chunk_size: int | None = None, all_reduce_sum: Callable[[Tensor], Tensor] | None = None
+                 ) -> ForwardResponse:
     """One optimizer step of the responses: ``state`` at ``theta_t`` -> the state at ``theta_{t+1}``.
 
     Args:
@@ -171,6 +172,9 @@ def forward_step(model: nn.Module, params: Params, state: ForwardResponse, batch
         loss_fn: ``(outputs, targets) -> (B,)`` per-example losses.
         hyper: SGD settings of this step for all parameters, or per parameter name.
         chunk_size: tracked examples per vmapped JVP (None: all at once).
+        all_reduce_sum: when the step's micro-batches are spread over data-parallel processes, each process passes its
+            own ``batches`` and this sum over processes of a tensor (in place or returned): the gradient's response is
+            summed before the SGD update, as the gradients are, so every process returns the same state.
     """
     batches = [batches] if isinstance(batches, MicroBatch) else list(batches)
     if not batches:
@@ -183,7 +187,17 @@ def forward_step(model: nn.Module, params: Params, state: ForwardResponse, batch
     for batch in batches:
         part = gradient_response(model, params, state, batch, loss_fn, chunk_size)
         dg = part if not dg else {n: dg[n] + part[n] for n in dg}
+    if all_reduce_sum is not None:
+        dg = _sum_over_processes(dg, all_reduce_sum)
     return sgd_response_update(state, dg, settings)
+
+
+def _sum_over_processes(dg: dict[str, Tensor], all_reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """``dg`` summed over processes with one collective on the concatenated tensors."""
+    names = list(dg)
+    flat = all_reduce_sum(torch.cat([dg[n].flatten() for n in names]))
+    parts = flat.split([dg[n].numel() for n in names])
+    return {n: part.view_as(dg[n]) for n, part in zip(names, parts)}
 
 
 def measurement_jacobian(measure: Callable[[dict[str, Tensor]], Tensor], params: Params) -> dict[str, Tensor]:

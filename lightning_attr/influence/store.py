@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_attr.io import CorruptArtifactError, atomic_write, load_tensors, save_tensors, sha256_file
+from lightning_attr.io import CorruptArtifactError, atomic_write, load_tensors, save_json, save_tensors, sha256_file
 
 __all__ = ["ResultsStore", "RUN_INDEX", "CHECKPOINT_INDEX"]
 
@@ -54,8 +54,7 @@ class ResultsStore:
             raise CorruptArtifactError(f"copying {entry['file']} from {source} to {self.directory} changed it.")
 
     def write_json(self, name: str, obj: Any) -> None:
-        text = json.dumps(obj, indent=1)
-        atomic_write(self.path(name), lambda tmp: Path(tmp).write_text(text))
+        save_json(obj, self.path(name))
 
     def read_json(self, name: str) -> Any:
         path = self.path(name)
