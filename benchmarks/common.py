@@ -142,6 +142,22 @@ def write_json(path: str | Path, results: Any, indent: int = 2, drop: Sequence[s
     return write_text(path, text)
 
 
+def verdict(target: str, value: float | None, threshold: float, higher: bool = True, note: str = "") -> dict:
+    """One row of a benchmark's targets: ``met`` is None when ``value`` is missing or NaN."""
+    met = None if value is None or math.isnan(value) else (value >= threshold if higher else value <= threshold)
+    return dict(target=target, value=value, threshold=threshold, higher_is_better=higher, met=met, note=note)
+
+
+def targets_table(verdicts: Sequence[dict]) -> list[str]:
+    """The ``## Targets`` markdown section of :func:`verdict` rows."""
+    lines = ["", "## Targets", "", "| target | value | threshold | met | note |", "|---|---|---|---|---|"]
+    for v in verdicts:
+        met = {True: "yes", False: "NO", None: "n/a"}[v["met"]]
+        lines.append(f"| {v['target']} | {fmt(v['value'])} | {'>=' if v['higher_is_better'] else '<='} "
+                     f"{v['threshold']} | {met} | {v['note']} |")
+    return lines
+
+
 def begin(out: str, threads: int, **fields: Any) -> tuple[Path, float, dict]:
     """Open a benchmark run: warnings off, ``threads`` torch threads, the output folder made; returns ``(out folder,
     start time, results dict)`` holding the machine, torch version, load and ``fields``."""

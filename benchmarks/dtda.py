@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from common import (
     DigitsData,
     begin,
@@ -44,7 +43,9 @@ from common import (
     pearson,
     progress,
     spearman,
+    targets_table,
     timed,
+    verdict,
 )
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -67,6 +68,7 @@ from lightning_attr.distributional import (
 )
 from lightning_attr.influence import GradientFeaturizer
 from lightning_attr.influence.curvature import make_curvature
+from lightning_attr.influence.outputs import cross_entropy, mse  # the featurizer's outputs of the same names
 from lightning_attr.influence.runner import AttributionData, LocalComm, PassRunner, data_total
 
 log = progress("dtda")
@@ -126,14 +128,6 @@ class Task:
 
 
 # ---------------------------------------------------------------------------------------------------------- tasks
-def squared_error(out: Tensor, y: Tensor) -> Tensor:
-    return (out - y).pow(2).flatten(1).sum(1)  # the package's "mse" output
-
-
-def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(out, y, reduction="none")
-
-
 def regression_task(s: Settings) -> Task:
     from sklearn.datasets import load_diabetes
 
@@ -143,7 +137,7 @@ def regression_task(s: Settings) -> Task:
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     train, test = order[:342], order[342:][: s.n_measurements]
     return Task("regression", x[train], y[train], x[test], y[test],
-                lambda: nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1)).double(), squared_error,
+                lambda: nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1)).double(), mse,
                 "prediction", "mse", s.regression_epochs, s.regression_batch, s.regression_lr, s.momentum)
 
 
@@ -427,9 +421,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"- {name}: removing training example {f['example']} shifts the mean of measurement "
                      f"{f['measurement']} by {f['mean_shift_in_sd']:.3f} sd but changes its variance by "
                      f"{100 * f['variance_change_relative']:.1f}% ({st}).")
-    lines += ["", "## Targets", "", "| target | value | threshold | met |", "|---|---|---|---|"]
-    lines += [f"| {v['target']} | {v['value']:.3f} | >= {v['threshold']} | {'yes' if v['met'] else 'NO'} |"
-              for v in r["verdicts"]]
+    lines += targets_table(r["verdicts"])
     return "\n".join(lines) + "\n"
 
 
@@ -442,8 +434,7 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
     for task, stat, metric, key in checks:
         if task in r["tasks"]:
             value = r["tasks"][task]["stats"][stat][metric]
-            out.append(dict(target=f"{task}: {stat} change, {metric} predicted vs actual", value=value,
-                            threshold=TARGETS[key], met=value >= TARGETS[key]))
+            out.append(verdict(f"{task}: {stat} change, {metric} predicted vs actual", value, TARGETS[key]))
     return out
 
 

@@ -50,7 +50,6 @@ Writes ``{out}/results.json``, ``{out}/results.md`` and ``{out}/speedup_vs_fidel
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import time
@@ -74,8 +73,10 @@ from common import (
     num_params,
     predict,
     progress,
+    targets_table,
     timed,
     train_cnn,
+    verdict,
     write_json,
     write_text,
 )
@@ -454,8 +455,7 @@ def verdicts(r: dict) -> list[dict]:
     out = []
 
     def add(name: str, value: float | None, target: float, higher: bool = True, note: str = "") -> None:
-        met = None if value is None or math.isnan(value) else (value >= target if higher else value <= target)
-        out.append(dict(target=name, value=value, threshold=target, higher_is_better=higher, met=met, note=note))
+        out.append(verdict(name, value, target, higher, note))
 
     res = r["speed"]["resnet"]
     for row in res["rows"]:
@@ -568,11 +568,7 @@ def markdown(r: dict) -> str:
         cells = [f"{p['highest']:.3f} [{p['highest_removed']:.2f}] ({p['random']:.3f})" for p in row["prune"].values()]
         lines.append(f"| {name} | {row['num_groups']} | {row['auc']:.3f} | {row['recall_10']:.3f} | "
                      f"{row['recall_20']:.3f} | " + " | ".join(cells) + " |")
-    lines += ["", "## Targets", "", "| target | value | threshold | met | note |", "|---|---|---|---|---|"]
-    for v in r["verdicts"]:
-        met = {True: "yes", False: "NO", None: "n/a"}[v["met"]]
-        lines.append(f"| {v['target']} | {fmt(v['value'])} | {'>=' if v['higher_is_better'] else '<='} "
-                     f"{v['threshold']} | {met} | {v['note']} |")
+    lines += targets_table(r["verdicts"])
     return "\n".join(lines) + "\n"
 
 

@@ -88,7 +88,9 @@ from common import (  # noqa: E402
     progress,
     quiet,
     spearman,
+    targets_table,
     timed,
+    verdict,
 )
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -727,8 +729,7 @@ def verdicts(r: dict) -> list[dict]:
     out = []
 
     def add(name: str, value: float | None, target: float, higher: bool = True, note: str = "") -> None:
-        met = None if value is None or math.isnan(value) else (value >= target if higher else value <= target)
-        out.append(dict(target=name, value=value, threshold=target, higher_is_better=higher, met=met, note=note))
+        out.append(verdict(name, value, target, higher, note))
 
     if "convex" in r:
         for name in ("ours exact (hessian)", "ours exact (ggn)"):
@@ -863,11 +864,7 @@ def markdown(r: dict) -> str:
               "`compute_pairwise_scores` (preconditions the queries only); dattri = `cache` + `attribute`.",
               "- dattri: its EK-FAC is checked against a textbook EK-FAC in 2c; its CG solves with the Hessian of one "
               "cached batch (the whole training set here) for a fixed number of iterations (its `tol` is unused)."]
-    lines += ["", "## Targets", "", "| target | value | threshold | met | note |", "|---|---|---|---|---|"]
-    for v in r["verdicts"]:
-        met = {True: "yes", False: "NO", None: "n/a"}[v["met"]]
-        lines.append(f"| {v['target']} | {fmt(v['value'])} | {'>=' if v['higher_is_better'] else '<='} "
-                     f"{v['threshold']} | {met} | {v['note']} |")
+    lines += targets_table(r["verdicts"])
     return "\n".join(lines) + "\n"
 
 
