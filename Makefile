@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
+	# opendataval pins torch~=2.1 / numpy<1.26 (and pyDVL pulls cvxpy): install both without their pins
+	$(PY) -m pip install --quiet --no-deps opendataval pydvl pyDeprecate more-itertools "geomloss~=0.2.6"
 	touch $(BENCH_STAMP)
 
 demo: $(STAMP)
@@ -28,6 +30,7 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/ggda.py --out artifacts/bench/ggda
 	$(PY) benchmarks/influence_functions.py --out artifacts/bench/influence_functions
 	$(PY) benchmarks/dtda.py --out artifacts/bench/dtda
+	$(PY) benchmarks/valuation.py --out artifacts/bench/valuation
 
 clean:
 	rm -rf artifacts lightning_logs wandb .pytest_cache

@@ -9,8 +9,10 @@ from lightning_attr.data import (
 )
 from lightning_attr.estimators import get_estimator  # noqa: F401, E402
 from lightning_attr.games import PatchGame
-from lightning_attr.modules import AmortizedExplainer, Classifier, create_timm_model
+from lightning_attr.modules import AmortizedExplainer, Classifier, ValuationModel, create_timm_model
+from lightning_attr.valuation import ValuationDataModule
 
 __version__ = "0.1.0"
 
-__all__ = ["AmortizedExplainer", "Classifier", "ImageDataModule", "OracleDataModule", "PatchGame", "create_timm_model"]
+__all__ = ["AmortizedExplainer", "Classifier", "ImageDataModule", "OracleDataModule", "PatchGame", "ValuationDataModule",
+           "ValuationModel", "create_timm_model"]

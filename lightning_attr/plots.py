@@ -1,4 +1,4 @@
-"""Figures: attribution heatmaps next to the images they explain."""
+"""Figures: attribution heatmaps next to the images they explain; data values against their ground truth."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import Tensor
 
 from lightning_attr.io import atomic_write
 
-__all__ = ["attribution_heatmaps", "save_figure"]
+__all__ = ["attribution_heatmaps", "save_figure", "value_scatter"]
 
 
 def save_figure(fig, path: str, dpi: int = 110) -> str:
@@ -57,5 +57,28 @@ def attribution_heatmaps(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def value_scatter(truth: Tensor, estimates: Mapping[str, Tensor], flipped: Tensor, path: str) -> str:
+    """Save a PNG: one panel per method, its data values (P,) against the ground truth (P,), flipped-label points in
+    red, with the identity line. Written atomically; returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(estimates), figsize=(4 * len(estimates), 3.8), squeeze=False, sharey=True)
+    t, bad = truth.double().cpu(), flipped.bool().cpu()
+    lo, hi = float(t.min()), float(t.max())
+    for ax, (name, est) in zip(axes[0], estimates.items()):
+        e = est.double().cpu()
+        ax.scatter(t[~bad], e[~bad], s=8, alpha=0.6, label="clean label")
+        ax.scatter(t[bad], e[bad], s=8, alpha=0.8, color="tab:red", label="flipped label")
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set(title=name, xlabel="ground-truth value")
+    axes[0, 0].set_ylabel("estimated value")
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -175,3 +175,23 @@ def test_dtda_config_and_the_reverse_mode_spec_parse():
                          "--trainer.callbacks+=" + str(CALLBACKS / "unrolled.yaml")], run=False)
     (ud,) = [cb for cb in forward.trainer.callbacks if type(cb).__name__ == "UnrolledDifferentiation"]
     assert ud.examples == tuple(range(8)) and ud.reverse is None
+
+
+@pytest.mark.parametrize("config, options", [
+    ("digits_distributional_shapley.yaml", ["--data.init_args.estimator_options", '{"cardinality": [0, 5]}']),
+    ("digits_data_shapley.yaml", []),
+    ("digits_data_banzhaf.yaml", ["--data.init_args.num_samples", "8"]),
+])
+def test_valuation_configs_fit_test_and_predict(tmp_path, config, options):
+    """Each valuation config trains on its labels, tests against its ground truth and writes every point's values."""
+    common = ["--config", str(CONFIGS / config), "--data.init_args.source.init_args.num_train", "40",
+              "--data.init_args.test_size", "4", "--data.init_args.test_num_samples", "2",
+              "--data.init_args.val_size", "8", "--data.init_args.cache_dir", str(tmp_path / "cache"),
+              "--trainer.default_root_dir", str(tmp_path / "v"), *options]
+    cli = build_cli(["fit", *common, *FAST])
+    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    assert {"test/mse", "test/pearson", "test/spearman", "test/sign_agreement"} <= set(metrics)
+    build_cli(["predict", *common, *FAST, "--ckpt_path", cli.trainer.checkpoint_callback.best_model_path])
+    runs = sorted((tmp_path / "v" / "lightning_attr_runs").iterdir())
+    tensors, _ = load_tensors(str(runs[-1] / "predictions.safetensors"))
+    assert tensors["index"].tolist() == list(range(40)) and tensors["all_values"].shape == (40, 10)

@@ -1,4 +1,5 @@
-"""AttributionWriter: ``trainer.predict`` (``lightning-attr predict``) saves the explainer's attributions to a file."""
+"""AttributionWriter: ``trainer.predict`` (``lightning-attr predict``) saves the explainer's attributions (or the
+valuation model's values) to a file."""
 
 from __future__ import annotations
 
@@ -39,22 +40,25 @@ def unique_rows(index: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
 class AttributionWriter(BasePredictionWriter):
     """Write the attributions of a predict run to ``{dirpath}/{filename}`` (default dirpath: the run's folder,
     :func:`~lightning_attr.runs.run_directory`), as safetensors written by :func:`~lightning_attr.io.save_tensors`:
-    ``index`` (N,) int64 and ``attributions`` (N, d, K) float32, one row per predicted example, sorted by index.
+    ``index`` (N,) int64 and each of ``keys`` (default ``attributions`` (N, d, K)) float32, one row per predicted
+    example, sorted by index (``keys=[values, all_values]`` for a ``ValuationModel``).
 
     ``predict_step`` must return ``{"attributions": (B, d, K), "index": (B,)}`` (``AmortizedExplainer`` does); without
     ``"index"`` the sampler's dataset positions are used. Rows are gathered across ranks (duplicates that a
     ``DistributedSampler`` pads with are dropped) and written on rank zero; ``path`` holds the file written last.
     """
 
-    def __init__(self, dirpath: str | None = None, filename: str = "predictions.safetensors") -> None:
+    def __init__(self, dirpath: str | None = None, filename: str = "predictions.safetensors",
+                 keys: list[str] | None = None) -> None:
         super().__init__(write_interval="batch")
+        self.keys = list(keys or ["attributions"])
         if not filename.endswith(".safetensors"):
             raise ValueError(f"`filename` must end with '.safetensors', got {filename!r}; "
                              "e.g. 'predictions.safetensors'.")
         self.dirpath, self.filename = dirpath, filename
         self.path: str | None = None
         self._index: list[Tensor] = []
-        self._rows: list[Tensor] = []
+        self._rows: list[tuple[Tensor, ...]] = []
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._index, self._rows = [], []
@@ -65,9 +69,10 @@ class AttributionWriter(BasePredictionWriter):
         if dataloader_idx:
             raise ValueError(f"AttributionWriter writes one predict dataloader, got `dataloader_idx`={dataloader_idx}; "
                              "predict each dataloader in its own run.")
-        if not isinstance(prediction, dict) or "attributions" not in prediction:
-            raise TypeError(f"AttributionWriter needs predict_step to return a dict with 'attributions' (B, d, K) and "
-                            f"'index' (B,); {type(pl_module).__name__} returned {type(prediction).__name__}.")
+        if not isinstance(prediction, dict) or any(k not in prediction for k in self.keys):
+            got = sorted(prediction) if isinstance(prediction, dict) else type(prediction).__name__
+            raise TypeError(f"AttributionWriter needs predict_step to return a dict with {self.keys} (`keys`) and "
+                            f"'index' (B,); {type(pl_module).__name__} returned {got}.")
         index = prediction.get("index")
         if index is None:
             if batch_indices is None:
@@ -76,18 +81,23 @@ class AttributionWriter(BasePredictionWriter):
             rank_zero_warn("AttributionWriter: predict_step returned no 'index'; using the sampler's positions.")
             index = torch.as_tensor(list(batch_indices))
         self._index.append(torch.as_tensor(index).detach().long().cpu())
-        self._rows.append(prediction["attributions"].detach().float().cpu())
+        self._rows.append(tuple(prediction[k].detach().float().cpu() for k in self.keys))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = self.dirpath or run_directory(trainer)  # on every rank: run_directory broadcasts
-        mine = (torch.cat(self._index), torch.cat(self._rows)) if self._rows else None
+        mine = None
+        if self._rows:
+            mine = (torch.cat(self._index), *(torch.cat(col) for col in zip(*self._rows)))
         parts = [p for p in _gather(trainer, mine) if p is not None]
         self._index, self._rows = [], []
         if not parts:
             rank_zero_warn("AttributionWriter: the predict run had no batches; nothing written.")
             return
-        index, rows = unique_rows(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        every = torch.cat([p[0] for p in parts])
+        tensors = {}
+        for i, key in enumerate(self.keys, start=1):
+            index, tensors[key] = unique_rows(every, torch.cat([p[i] for p in parts]))
         self.path = os.path.join(folder, self.filename)
         if trainer.is_global_zero:
-            save_tensors(self.path, {"index": index, "attributions": rows}, {"rows": str(len(index))})
-            rank_zero_info(f"Saved the attributions of {len(index)} examples to {self.path}.")
+            save_tensors(self.path, {"index": index, **tensors}, {"rows": str(len(index))})
+            rank_zero_info(f"Saved the {', '.join(self.keys)} of {len(index)} examples to {self.path}.")

@@ -2,6 +2,7 @@
 
 :mod:`~lightning_attr.evaluation.features` scores feature attributions (error vs exact values, equal-error compute);
 :mod:`~lightning_attr.evaluation.data` scores training-data attributions (LDS, noisy-label recall, pruning curves);
+:mod:`~lightning_attr.evaluation.valuation` scores data values (amortized vs per-point Monte Carlo);
 :mod:`~lightning_attr.evaluation.retrain` retrains a LightningModule on subsets (cached) for the LDS.
 """
 
@@ -20,8 +21,18 @@ from lightning_attr.evaluation.features import (
     per_example_curve,
 )
 from lightning_attr.evaluation.retrain import SubsetRetrainer, target_losses
+from lightning_attr.evaluation.valuation import (
+    fit_valuation_model,
+    monte_carlo_values,
+    predict_values,
+    value_scores,
+)
 
 __all__ = [
+    "fit_valuation_model",
+    "monte_carlo_values",
+    "predict_values",
+    "value_scores",
     "per_example_curve",
     "amortized_row",
     "equal_error_budget",

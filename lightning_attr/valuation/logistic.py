@@ -1,8 +1,9 @@
 """Many small L2-regularized multinomial logistic regressions fitted at once by batched L-BFGS.
 
-Model ``b`` minimizes ``C * sum_n w_bn CE(softmax(x_bn theta_b), y_bn) + ||theta_b||^2 / 2`` over ``theta_b`` (D, K):
-scikit-learn's ``LogisticRegression(C=C, fit_intercept=False)`` objective with padding rows. An intercept is a
-ones column of ``x``, penalized like the other weights, so every subset (empty, one class) has a unique finite fit.
+Model ``b`` minimizes ``C * sum_n CE(softmax(x_bn theta_b), y_bn) + ||theta_b||^2 / 2`` over ``theta_b`` (D, K), the
+sum over its valid (non-padding) rows: scikit-learn's ``LogisticRegression(C=C, fit_intercept=False)`` objective. An
+intercept is a ones column of ``x``, penalized like the other weights, so every subset (empty, one class) has a unique
+finite fit. Objective and gradient are float64; the L-BFGS history is kept in float32 (it only shapes the direction).
 """
 
 from __future__ import annotations
@@ -38,22 +39,28 @@ def _bdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _direction(g: Tensor, s: list[Tensor], y: list[Tensor], gamma: Tensor) -> Tensor:
-    """L-BFGS two-loop recursion for every model at once (initial inverse Hessian ``gamma I``); pairs with
-    ``s.y <= 0`` are skipped (rho = 0)."""
-    q, alphas = g.clone(), []
-    rhos = []
-    for si, yi in zip(reversed(s), reversed(y)):
-        sy = _bdot(si, yi)
-        rho = torch.where(sy > 1e-12, 1 / sy.clamp(min=1e-12), torch.zeros_like(sy))
-        alpha = rho * _bdot(si, q)
-        q -= alpha.view(-1, 1, 1) * yi
-        alphas.append(alpha)
-        rhos.append(rho)
-    r = gamma.view(-1, 1, 1) * q
-    for si, yi, alpha, rho in zip(s, y, reversed(alphas), reversed(rhos)):
-        beta = rho * _bdot(yi, r)
-        r += (alpha - beta).view(-1, 1, 1) * si
-    return -r
+    """``-H g`` for every model at once with the compact L-BFGS inverse Hessian (Byrd, Nocedal & Schnabel 1994):
+    ``H = gamma I + [S gamma Y] M [S gamma Y]^T``, a few batched matmuls instead of a loop over the history.
+
+    Pairs (oldest first) with ``s.y <= 1e-6 |s| |y|`` (or zeroed after a failed line search) drop out: their columns
+    are zeroed and their diagonal entry of ``R`` set to 1."""
+    b, dtype = g.shape[0], g.dtype
+    flat, gam = g.flatten(1).float(), gamma.view(-1, 1).float()
+    if not s:
+        return -gamma.view(-1, 1, 1) * g
+    S, Y = torch.stack([t.flatten(1) for t in s], 1), torch.stack([t.flatten(1) for t in y], 1)  # (B, m, P)
+    sy = (S * Y).sum(-1)
+    good = sy > 1e-6 * S.norm(dim=-1) * Y.norm(dim=-1)  # scale-free curvature test
+    S, Y = S * good.unsqueeze(-1), Y * good.unsqueeze(-1)
+    eye = torch.eye(len(s), dtype=flat.dtype, device=g.device)
+    R = torch.triu(S @ Y.transpose(1, 2)) + eye * (~good).unsqueeze(-1).to(flat.dtype)  # (B, m, m)
+    D = torch.diag_embed(sy * good)
+    a, c = (S @ flat.unsqueeze(-1)), gam.unsqueeze(-1) * (Y @ flat.unsqueeze(-1))  # (B, m, 1)
+    r_inv_a = torch.linalg.solve_triangular(R, a, upper=True)
+    inner = (D + gam.unsqueeze(-1) * (Y @ Y.transpose(1, 2))) @ r_inv_a - c
+    u = torch.linalg.solve_triangular(R.transpose(1, 2), inner, upper=False)
+    hg = gam * flat + (S.transpose(1, 2) @ u).squeeze(-1) - gam * (Y.transpose(1, 2) @ r_inv_a).squeeze(-1)
+    return -hg.view(b, *g.shape[1:]).to(dtype)
 
 
 def _line_search(theta, f, g, d, x, onehot, C, active, max_halvings: int = 40):
@@ -73,16 +80,19 @@ def _line_search(theta, f, g, d, x, onehot, C, active, max_halvings: int = 40):
         theta[done], f[done], g[done] = new[ok], f_new[ok], g_new[ok]
         todo = todo[~ok]
         t[todo] /= 2
-    return theta, f, g
+    failed = torch.zeros_like(active)
+    failed[todo] = True
+    return theta, f, g, failed
 
 
 def fit_logistic(x: Tensor, y: Tensor, valid: Tensor, num_classes: int, C: float = 1.0, tol: float = 1e-5,
-                 max_iter: int = 300, init: Tensor | None = None, history: int = 10) -> tuple[Tensor, int]:
+                 max_iter: int = 300, init: Tensor | None = None, history: int = 5) -> tuple[Tensor, int]:
     """Fit every model of the batch: rows ``x`` (B, n, D), labels ``y`` (B, n) long, ``valid`` (B, n) bool (False:
     padding) -> (``theta`` (B, D, K), iterations used).
 
-    Stops when every model's largest gradient entry is ``<= tol * (1 + C * rows)`` (relative to the data term's
-    scale); raises :class:`ConvergenceError` naming how many did not within ``max_iter`` iterations.
+    Stops when every model's largest gradient entry is ``<= tol`` (the ridge makes each objective 1-strongly convex,
+    so the weights are then within ``|g|_2`` of the optimum); raises :class:`ConvergenceError` naming how many did
+    not within ``max_iter`` iterations.
     ``init`` (D, K) or (B, D, K): warm start (default zeros).
     """
     b, _, dim = x.shape
@@ -105,11 +115,15 @@ def fit_logistic(x: Tensor, y: Tensor, valid: Tensor, num_classes: int, C: float
         if it == max_iter:
             break
         d = _direction(g, s_hist, y_hist, gamma)
-        new_theta, f, new_g = _line_search(theta, f, g, d, x, onehot, C, active)
+        new_theta, f, new_g, failed = _line_search(theta, f, g, d, x, onehot, C, active)
         s_k, y_k = new_theta - theta, new_g - g
+        if bool(failed.any()):  # no descent along the quasi-Newton direction: forget the history of those models
+            keep = (~failed).float().view(-1, 1, 1)
+            s_hist, y_hist = [t * keep for t in s_hist], [t * keep for t in y_hist]
+            gamma = torch.where(failed, 1 / (1 + 0.5 * C * x.pow(2).sum((1, 2))), gamma)
         sy, yy = _bdot(s_k, y_k), _bdot(y_k, y_k)
-        gamma = torch.where((sy > 1e-12) & active, sy / yy.clamp(min=1e-30), gamma)
-        s_hist, y_hist = (s_hist + [s_k])[-history:], (y_hist + [y_k])[-history:]
+        gamma = torch.where((sy > 1e-6 * (_bdot(s_k, s_k) * yy).sqrt()) & active, sy / yy.clamp(min=1e-300), gamma)
+        s_hist, y_hist = (s_hist + [s_k.float()])[-history:], (y_hist + [y_k.float()])[-history:]
         theta, g = new_theta, new_g
     worst = float((g.abs().flatten(1).amax(1) / bound).max())
     raise ConvergenceError(

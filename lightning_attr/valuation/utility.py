@@ -99,8 +99,9 @@ class LogisticUtility:
         safe = index.clamp(min=0)
         return self.x_train[safe], self.y_train[safe], index >= 0
 
-    def fit(self, subsets: Tensor) -> Tensor:
-        """Fitted weights (B, D + 1, K) (last row: intercept) of the models of ``subsets`` (see ``as_index_lists``)."""
+    def fit(self, subsets: Tensor, init: Tensor | None = None) -> Tensor:
+        """Fitted weights (B, D + 1, K) (last row: intercept) of the models of ``subsets`` (see ``as_index_lists``);
+        ``init`` (B, D + 1, K): warm starts (e.g. the fit of a subset one point smaller)."""
         index = as_index_lists(subsets, self.num_points).to(self.device)
         sizes = (index >= 0).sum(1)
         order = sizes.argsort()
@@ -110,7 +111,8 @@ class LogisticUtility:
             rows = order[start:start + self.batch_size]
             chunk = index[rows][:, : max(1, int(sizes[rows].max()))]
             x, y, w = self._rows(chunk)
-            theta[rows], _ = fit_logistic(x, y, w, self.num_classes, self.C, self.tol, self.max_iter)
+            start_at = None if init is None else init[rows]
+            theta[rows], _ = fit_logistic(x, y, w, self.num_classes, self.C, self.tol, self.max_iter, start_at)
         self.num_evaluations += len(index)
         return theta
 

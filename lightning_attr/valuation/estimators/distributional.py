@@ -15,6 +15,21 @@ __all__ = ["distributional_shapley", "DEFAULT_CARDINALITY"]
 DEFAULT_CARDINALITY = (0, 100)
 
 
+def _paired_gains(utility: Utility, without: Tensor, points: Tensor) -> Tensor:
+    """``v(S + {i}) - v(S)`` (R,) for coalitions ``without`` (R, k) and ``points`` (R,); a utility with ``fit`` /
+    ``score`` (as :class:`~lightning_attr.valuation.LogisticUtility`) warm-starts each larger fit from the smaller."""
+    if not (hasattr(utility, "fit") and hasattr(utility, "score")):
+        both = utility(torch.cat([with_point(without, points), with_point(without, torch.full_like(points, -1))]))
+        return both[: len(points)] - both[len(points):]
+    gains = []
+    for block in range(0, len(points), 4096):  # bounds the fitted weights held at once
+        rows = slice(block, block + 4096)
+        small = utility.fit(without[rows])
+        large = utility.fit(with_point(without[rows], points[rows]), init=small)
+        gains.append((utility.score(large) - utility.score(small)).double())
+    return torch.cat(gains)
+
+
 @register("distributional_shapley", target="distributional_shapley", unbiased=True, shares_samples=False,
           cost="2 utility evaluations per point")
 def distributional_shapley(utility: Utility, points: Tensor, num_samples: int,
@@ -31,6 +46,5 @@ def distributional_shapley(utility: Utility, points: Tensor, num_samples: int,
     rows = points.repeat_interleave(num_samples)
     sizes = low + (uniform((len(rows),), generator, points.device) * (high - low + 1)).long().clamp(max=high - low)
     without = subsets_without(rows, sizes, n, generator)
-    values = utility(torch.cat([with_point(without, rows), with_point(without, torch.full_like(rows, -1))]))
-    gain = values[: len(rows)] - values[len(rows):]
+    gain = _paired_gains(utility, without, rows)
     return gain.view(len(points), num_samples).mean(1)
