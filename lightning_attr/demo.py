@@ -207,13 +207,15 @@ def valuation_stage(out: str, epochs: int | None = None, truth_samples: int = 20
         args += ["--trainer.max_epochs", str(epochs)]
     cli = build_cli(args)
     dm, best = cli.datamodule, cli.trainer.checkpoint_callback.best_model_path
-    label_evals, t1 = dm.evaluations, time.perf_counter()
+    t1 = time.perf_counter()
     test = dm.splits["test"]
     truth = dm.labels("test", test).double()
     model = type(cli.model).load_from_checkpoint(best, map_location="cpu").eval()
     values = predict_values(model, dm)
+    label_evals = 2 * dm.num_samples * (len(values) + len(dm.splits["val"]))  # train + val labels (also when cached)
     rows = [dict(method="amortized", samples=dm.num_samples, evals_per_point=label_evals / len(values),
-                 **value_scores(values[test], truth), auroc_all=value_scores(values, flipped=dm.data.flipped)
+                 **value_scores(values[test], truth, dm.data.flipped[test]),
+                 auroc_all=value_scores(values, flipped=dm.data.flipped)
                  ["mislabeled_auroc"])]
     mc = {k: monte_carlo_values(dm, test, k) for k in (dm.num_samples, 10 * dm.num_samples)}
     rows += [dict(method="per-point Monte Carlo", samples=k, evals_per_point=2 * k,
