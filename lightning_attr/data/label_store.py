@@ -134,6 +134,17 @@ class LabelStore:
                 f"images than this batch's (their content signatures differ: the data, its split or its preprocessing "
                 f"changed under the same cache key); {fix}.")
 
+    def fetch(self, index: Tensor, signatures: Tensor, compute, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Stored labels (B, ...) of ``index`` (B,) whose inputs have ``signatures`` (B, 9): the missing ones are
+        computed first (``compute(missing)``, ``missing`` a (B,) CPU boolean mask) and saved. Raises
+        :class:`StaleLabelsError` (see :meth:`check`) when a stored label belongs to other inputs."""
+        self.check(index, signatures, dtype)
+        missing = ~self.has(index)
+        if missing.any():
+            self.put(index.cpu()[missing], compute(missing), signatures[missing])
+            self.save()
+        return self.get(index)
+
     def save(self) -> None:
         """Write the labels this store holds (no-op without ``path_prefix``), atomically."""
         if not self.path_prefix or self.values is None:

@@ -195,13 +195,7 @@ class OracleDataModule(L.LightningDataModule):
     def _cached(self, store: LabelStore, x: Tensor, index: Tensor, compute) -> Tensor:
         """Stored labels of ``index``, computing (``compute(mask)``) and saving the missing ones; raises when a stored
         label belongs to other images than ``x``."""
-        signatures = content_signature(x)
-        store.check(index, signatures, x.dtype)
-        missing = ~store.has(index)
-        if missing.any():
-            store.put(index[missing.cpu()], compute(missing.to(index.device)), signatures[missing.cpu()])
-            store.save()
-        return store.get(index)
+        return store.fetch(index, content_signature(x), lambda missing: compute(missing.to(index.device)), x.dtype)
 
     def _train_labels(self, game, x: Tensor, index: Tensor) -> Tensor:
         draw = self.trainer.current_epoch + 1

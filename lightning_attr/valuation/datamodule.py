@@ -149,13 +149,8 @@ class ValuationDataModule(L.LightningDataModule):
         return content_signature(torch.cat([d.x_train[index], d.y_train[index].unsqueeze(1).float()], 1))
 
     def _cached(self, split: str, index: Tensor, compute) -> Tensor:
-        store, signatures = self._store(f"{split}-fixed", split), self._signatures(index)
-        store.check(index, signatures)
-        missing = ~store.has(index)
-        if missing.any():
-            store.put(index[missing], compute(index[missing]).float(), signatures[missing])
-            store.save()
-        return store.get(index)
+        store = self._store(f"{split}-fixed", split)
+        return store.fetch(index, self._signatures(index), lambda missing: compute(index[missing]).float())
 
     def labels(self, split: str, index: Tensor, epoch: int = 0) -> Tensor:
         """Labels (B,) of points ``index`` (B,) for ``split`` (train labels of ``epoch`` per ``label_mode``)."""

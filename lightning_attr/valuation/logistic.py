@@ -105,7 +105,7 @@ def fit_logistic(x: Tensor, y: Tensor, valid: Tensor, num_classes: int, C: float
     f, g = logistic_objective(theta, x, onehot, C)
     bound = torch.full_like(f, tol)
     # first step: gradient descent scaled by a bound on the curvature (1 + C/2 * sum_n |x_n|^2)
-    gamma = 1 / (1 + 0.5 * C * x.pow(2).sum((1, 2)))
+    gamma = first = 1 / (1 + 0.5 * C * x.pow(2).sum((1, 2)))
     s_hist: list[Tensor] = []
     y_hist: list[Tensor] = []
     for it in range(max_iter + 1):
@@ -120,7 +120,7 @@ def fit_logistic(x: Tensor, y: Tensor, valid: Tensor, num_classes: int, C: float
         if bool(failed.any()):  # no descent along the quasi-Newton direction: forget the history of those models
             keep = (~failed).float().view(-1, 1, 1)
             s_hist, y_hist = [t * keep for t in s_hist], [t * keep for t in y_hist]
-            gamma = torch.where(failed, 1 / (1 + 0.5 * C * x.pow(2).sum((1, 2))), gamma)
+            gamma = torch.where(failed, first, gamma)
         sy, yy = _bdot(s_k, y_k), _bdot(y_k, y_k)
         gamma = torch.where((sy > 1e-6 * (_bdot(s_k, s_k) * yy).sqrt()) & active, sy / yy.clamp(min=1e-300), gamma)
         s_hist, y_hist = (s_hist + [s_k.float()])[-history:], (y_hist + [y_k.float()])[-history:]
