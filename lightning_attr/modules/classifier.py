@@ -1,8 +1,8 @@
-"""Classifier: the image model to explain (any timm model), trained with random patch masking."""
+"""Classifier: the image model to explain (any timm model), trained with random patch removal."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -11,7 +11,7 @@ import torchmetrics
 from torch import Tensor
 
 from lightning_attr.estimators.sampling import random_subsets_of_size
-from lightning_attr.games import PatchGame
+from lightning_attr.games import PatchGame, get_removal
 from lightning_attr.modules.optim import check_optimizer, optimizer_cosine
 from lightning_attr.modules.timm_models import create_timm_model, save_timm_weights
 
@@ -21,16 +21,19 @@ __all__ = ["Classifier"]
 class Classifier(L.LightningModule):
     """A timm classifier trained on image batches ``{"image", "label"}``.
 
-    With ``mask_prob > 0`` a fraction of each training batch has a uniformly random number of its patches replaced by
-    ``baseline`` (a uniformly random subset of that size), so the model behaves sensibly on the masked inputs an
-    explanation game feeds it; such a model is also the surrogate of the original classifier.
+    With ``mask_prob > 0`` a fraction of each training batch has a uniformly random number of its patches removed (a
+    uniformly random subset of that size), so the model behaves sensibly on the inputs an explanation game feeds it;
+    such a model is also the surrogate of the original classifier. ``removal`` says how, as in
+    :class:`~lightning_attr.games.PatchGame`: ``"mask"`` replaces them by ``baseline``, ``"drop"`` (patch-aligned ViTs)
+    leaves their tokens out of the sequence; train with the removal the explanation game will use.
 
     Args:
         model_name: any timm model name; ``model_kwargs`` go to ``timm.create_model`` (e.g. ``img_size``, ``depth``).
         num_classes: number of classes K.
         pretrained / weights_file: start from hub weights or from a local weights file.
-        image_size / patch_size / baseline: the masking game (patch grid ``image_size / patch_size``).
-        mask_prob: fraction of training images that get masked.
+        image_size / patch_size / baseline: the removal game (patch grid ``image_size / patch_size``).
+        mask_prob: fraction of training images that get patches removed.
+        removal: ``"mask"`` (default) or ``"drop"``.
         optimizer: ``"adamw"`` (default: ``torch.optim.AdamW``, decoupled weight decay) or ``"sgd"``
             (``torch.optim.SGD`` with ``momentum``, weight decay added to the gradient; what
             :class:`~lightning_attr.callbacks.UnrolledDifferentiation` differentiates). Either way ``lr`` /
@@ -59,6 +62,7 @@ class Classifier(L.LightningModule):
         export_path: str | None = None,
         optimizer: str = "adamw",
         momentum: float = 0.9,
+        removal: Literal["mask", "drop"] = "mask",
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_prob <= 1.0:
@@ -67,6 +71,8 @@ class Classifier(L.LightningModule):
         self.save_hyperparameters()
         self.model = create_timm_model(model_name, pretrained, weights_file, num_classes, **(model_kwargs or {}))
         self.masker = PatchGame(torch.nn.Identity(), patch_size, (image_size, image_size), baseline)
+        self.removal = get_removal(removal)
+        self.removal.check(self.model, self.masker)
         metric = dict(task="multiclass", num_classes=num_classes)
         self.val_acc = torchmetrics.Accuracy(**metric)
         self.test_acc = torchmetrics.Accuracy(**metric)
@@ -75,18 +81,20 @@ class Classifier(L.LightningModule):
         """Logits (B, K) of images (B, C, H, W)."""
         return self.model(x)
 
-    def random_mask(self, x: Tensor) -> Tensor:
-        """Mask a random ``mask_prob`` fraction of ``x`` (B, C, H, W) with random coalitions of uniform size."""
+    def random_keep(self, x: Tensor) -> Tensor:
+        """Kept patches (B, d) for images ``x`` (B, C, H, W): a ``mask_prob`` fraction of them keep a random subset of
+        uniformly random size, the others keep all."""
         d, b = self.masker.num_players, x.shape[0]
         which = torch.rand(b, device=x.device) < self.hparams.mask_prob
         sizes = torch.randint(0, d + 1, (b,), device=x.device)
         sizes = torch.where(which, sizes, torch.full_like(sizes, d))
-        keep = random_subsets_of_size(sizes, d, None)
-        return self.masker.mask_inputs(x, keep.to(x.device))
+        return random_subsets_of_size(sizes, d, None).to(x.device)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x = self.random_mask(batch["image"]) if self.hparams.mask_prob > 0 else batch["image"]
-        loss = F.cross_entropy(self(x), batch["label"], label_smoothing=self.hparams.label_smoothing)
+        x = batch["image"]
+        logits = self.removal.remove(self.model, x, self.random_keep(x), self.masker) if self.hparams.mask_prob > 0 \
+            else self(x)
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -1,8 +1,4 @@
-"""Cooperative games over image patches: ``v(S)`` = a classifier's output with the patches outside ``S`` masked.
-
-A game is any callable ``game(x, masks) -> Tensor`` with an integer attribute ``num_players``; the estimators in
-:mod:`lightning_attr.estimators` reach the model only through that contract, so user-defined games work too.
-"""
+"""PatchGame: ``v(S)`` = a classifier's output with the patches outside ``S`` removed (masked or dropped)."""
 
 from __future__ import annotations
 
@@ -12,10 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_attr.frozen import eval_mode
+from lightning_attr.games.removal import get_removal
 
 __all__ = ["PatchGame", "patch_grid", "check_masks"]
 
 Output = Literal["probs", "logits", "log_probs"]
+RemovalName = Literal["mask", "drop"]
 
 
 def patch_grid(image_size: tuple[int, int], patch_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -42,7 +40,7 @@ def check_masks(masks: Tensor, batch_size: int, num_players: int) -> None:
 
 
 class PatchGame(nn.Module):
-    """``v(S)`` for every class: the wrapped classifier applied to ``x`` with patches outside ``S`` set to a baseline.
+    """``v(S)`` for every class: the wrapped classifier applied to ``x`` with the patches outside ``S`` removed.
 
     Args:
         model: any classifier mapping ``(N, C, H, W) -> (N, K)`` logits. It is always evaluated in eval mode (inside
@@ -53,8 +51,14 @@ class PatchGame(nn.Module):
         baseline: value given to masked pixels (a float, or a tensor broadcastable to ``(C, H, W)``), in the
             model's (normalized) input space. Default 0.
         output: ``"probs"`` (default, softmax), ``"logits"`` or ``"log_probs"``.
-        chunk_size: at most this many masked images go through the model in one forward pass.
+        chunk_size: at most this many masked images go through the model in one forward pass (token dropping: about
+            as many tokens as ``chunk_size`` whole images, so more of the small coalitions).
         max_memory_mb: additionally caps a chunk so the masked input batch stays below this many MiB.
+        removal: ``"mask"`` (default): absent patches take the ``baseline`` pixels, any model; ``"drop"``: for a
+            patch-aligned ViT (the game's patches are its tokens), absent patches' tokens are left out of the
+            sequence (:class:`~lightning_attr.games.TokenDropping`): patches embedded once per image, coalitions
+            batched by size, fewer FLOPs per evaluation. A different game than masking, except when all patches are
+            present; a classifier trained with random token dropping (``Classifier(removal="drop")``) matches it.
 
     The game counts the coalitions it evaluated in ``num_evaluations`` (the unit of compute of every comparison).
     """
@@ -68,6 +72,7 @@ class PatchGame(nn.Module):
         output: Output = "probs",
         chunk_size: int = 256,
         max_memory_mb: float = 512.0,
+        removal: RemovalName = "mask",
     ) -> None:
         super().__init__()
         if output not in ("probs", "logits", "log_probs"):
@@ -85,6 +90,8 @@ class PatchGame(nn.Module):
         self.max_memory_mb = max_memory_mb
         self.register_buffer("baseline", torch.as_tensor(baseline, dtype=torch.float32), persistent=False)
         self.num_evaluations = 0
+        self.removal = get_removal(removal)
+        self.removal.check(model, self)
 
     @property
     def num_players(self) -> int:
@@ -128,18 +135,21 @@ class PatchGame(nn.Module):
         self._check_x(x)
         check_masks(masks, x.shape[0], self.num_players)
         b, m, d = masks.shape
-        masks = masks.to(device=x.device, dtype=torch.bool)
-        flat = masks.reshape(b * m, d)
+        flat = masks.to(device=x.device, dtype=torch.bool).reshape(b * m, d)
         owner = torch.arange(b, device=x.device).repeat_interleave(m)
-        chunk = self._chunk(x)
-        outs = []
+        out = None
         with eval_mode(self.model):
-            for start in range(0, b * m, chunk):
-                sl = slice(start, start + chunk)
-                logits = self.model(self.mask_inputs(x[owner[sl]], flat[sl]))
-                outs.append(self._transform(logits.float()))
+            prepared = self.removal.prepare(self.model, x, self)
+            chunk = self._chunk(prepared)
+            for group in self.removal.groups(flat):
+                step = self.removal.rows_per_forward(chunk, int(flat[group[0]].sum()), d)
+                for rows in group.split(step):
+                    values = self._transform(self.removal.logits(self.model, prepared[owner[rows]], flat[rows], self)
+                                             .float())
+                    out = values.new_empty(b * m, values.shape[-1]) if out is None else out
+                    out[rows] = values
         self.num_evaluations += b * m
-        return torch.cat(outs).view(b, m, -1)
+        return out.view(b, m, -1)
 
     def _transform(self, logits: Tensor) -> Tensor:
         if self.output == "probs":
@@ -149,4 +159,5 @@ class PatchGame(nn.Module):
         return logits
 
     def extra_repr(self) -> str:
-        return f"grid={self.grid}, patch_size={self.patch_size}, output={self.output!r}, chunk_size={self.chunk_size}"
+        text = f"grid={self.grid}, patch_size={self.patch_size}, output={self.output!r}, chunk_size={self.chunk_size}"
+        return text + (f", removal={self.removal.name!r}" if self.removal.name != "mask" else "")
