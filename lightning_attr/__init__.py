@@ -3,6 +3,7 @@
 # Importable for existing callers, not advertised: use ``lightning_attr.estimators`` / ``lightning_attr.data``.
 from lightning_attr import estimators  # noqa: F401, E402
 from lightning_attr.data import (
+    AugmentedImageDataModule,
     ImageDataModule,
     OracleDataModule,
     digits_dataset,  # noqa: F401, E402
@@ -14,5 +15,5 @@ from lightning_attr.valuation import ValuationDataModule
 
 __version__ = "0.1.0"
 
-__all__ = ["AmortizedExplainer", "Classifier", "ImageDataModule", "OracleDataModule", "PatchGame", "ValuationDataModule",
-           "ValuationModel", "create_timm_model"]
+__all__ = ["AmortizedExplainer", "AugmentedImageDataModule", "Classifier", "ImageDataModule", "OracleDataModule",
+           "PatchGame", "ValuationDataModule", "ValuationModel", "create_timm_model"]

@@ -106,6 +106,12 @@ class IndexedImageDataset(Dataset):
         return {"image": self.to_tensor(row[self.image_column]), "label": label, "index": i}
 
 
+def _class_count(data: Any, label_column: str) -> int:
+    """Classes of a ``datasets.Dataset``'s label column: its ``ClassLabel`` size, else the largest label + 1."""
+    feature = data.features[label_column]
+    return int(getattr(feature, "num_classes", 0)) or int(max(data[label_column]) + 1)
+
+
 def dataset_fingerprint(dataset: Dataset) -> str | None:
     """The ``fingerprint`` of a dataset (e.g. :class:`IndexedImageDataset`), of a ``Subset`` of one (with its
     indices), or ``None`` when it has none."""
@@ -172,8 +178,7 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         self.setup()
-        feature = self.splits["train"].data.features[self.label_column]
-        return int(getattr(feature, "num_classes", 0)) or int(max(self.splits["train"].data[self.label_column]) + 1)
+        return _class_count(self.splits["train"].data, self.label_column)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
