@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Any, Literal
 
 import lightning as L
@@ -9,13 +11,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_attr.data.oracle import game_fingerprint
 from lightning_attr.games import PatchGame
 from lightning_attr.metrics import EfficiencyGap, attribution_metrics
+from lightning_attr.modules.feature_cache import FeatureCache
 from lightning_attr.modules.heads import build_head
 from lightning_attr.modules.optim import adamw_cosine
 from lightning_attr.modules.timm_models import PatchFeatures, create_timm_model
 
-__all__ = ["AmortizedExplainer"]
+__all__ = ["AmortizedExplainer", "check_feature_cache"]
+
+_NOT_FOLDERS = {"", "none", "null", "off", "false", "true", "no", "yes", "on", "0", "1", "disk", "memory"}
+
+
+def check_feature_cache(value: Any) -> None:
+    """Raise a ValueError naming ``feature_cache`` unless ``value`` is ``"memory"``, ``None`` or a folder path."""
+    allowed = "'memory' (in-memory cache, the default), None (no cache) or the path of a folder"
+    if value is None or value == "memory":
+        return
+    if not isinstance(value, str) or value.strip().lower() in _NOT_FOLDERS:
+        raise ValueError(f"`feature_cache`={value!r} is not allowed; use {allowed}.")
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise ValueError(f"`feature_cache`={value!r} is an existing file, not a folder; use {allowed}.")
 
 
 class AmortizedExplainer(L.LightningModule):
@@ -39,6 +56,12 @@ class AmortizedExplainer(L.LightningModule):
             training batch (RMS of the labels) and stores it in the checkpoint.
         efficiency: add ``(v(all) - v(empty) - sum_i phi_i) / d`` to every player (exact efficiency, Shapley only).
         lr / weight_decay / warmup_fraction: AdamW on the head with warm-up and cosine decay.
+        feature_cache: the frozen outputs of each training / validation example (backbone features (d, D), v(empty)
+            and v(all) (2, K)) are computed once and reused while its image stays the same (checked by a content
+            signature; augmented images are computed every time): ``"memory"`` (default) keeps them in CPU memory,
+            ``None`` recomputes every step, a folder also loads them at fit start from / saves them after every
+            training epoch to ``{folder}/features-{key}-{split}-rank{r}.safetensors`` (``key``:
+            :meth:`feature_cache_key`). Never part of the checkpoint; test / predict / forward are not cached.
     """
 
     def __init__(
@@ -66,8 +89,10 @@ class AmortizedExplainer(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.05,
+        feature_cache: str | None = "memory",
     ) -> None:
         super().__init__()
+        check_feature_cache(feature_cache)
         self.save_hyperparameters()
         classifier_kwargs = dict(classifier_kwargs or {})
         model = create_timm_model(classifier, pretrained, classifier_weights, num_classes, argument="classifier",
@@ -88,6 +113,8 @@ class AmortizedExplainer(L.LightningModule):
         self.register_buffer("scale", torch.tensor(float(target_scale or 0.0)))
         self.test_metrics = attribution_metrics("test/")
         self.test_efficiency = EfficiencyGap()
+        # split -> cache of frozen outputs, keyed by the batches' "index" (plain attributes: not in the state dict)
+        self.feature_caches = {split: FeatureCache() for split in ("train", "val")} if feature_cache else {}
 
     @property
     def num_players(self) -> int:
@@ -100,19 +127,36 @@ class AmortizedExplainer(L.LightningModule):
 
     def patch_features(self, x: Tensor) -> Tensor:
         """Head input (B, d, D'): backbone features per patch, plus the patch pixels with ``pixel_features``."""
-        feats = self.features(x)
+        return self._head_input(self.features(x), x)
+
+    def _head_input(self, feats: Tensor, x: Tensor) -> Tensor:
+        """Backbone features (B, d, D) of ``x`` (B, C, H, W), with the patch pixels appended (always taken from x)."""
         if not self.hparams.pixel_features:
             return feats
         return torch.cat([feats, self.game.patches(x)], -1)
 
-    def _explain(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        d = self.num_players
-        ends = torch.zeros(x.shape[0], 2, d, dtype=torch.bool, device=x.device)
+    def frozen_outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """What the frozen models give for images ``x`` (B, C, H, W): backbone features (B, d, D) and the game's
+        ends (B, 2, K), v(empty) and v(all)."""
+        ends = torch.zeros(x.shape[0], 2, self.num_players, dtype=torch.bool, device=x.device)
         ends[:, 1] = True
-        v = self.game(x, ends)  # (B, 2, K): v(empty), v(all)
+        return self.features(x), self.game(x, ends)
+
+    def _frozen(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor] | None:
+        """:meth:`frozen_outputs` of a train / val batch through ``split``'s feature cache (None: not cached)."""
+        cache = self.feature_caches.get(split)
+        if cache is None or "index" not in batch:
+            return None
+        return cache.fetch(batch["index"], batch["image"], self.frozen_outputs)
+
+    def _explain(self, x: Tensor, frozen: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Attributions (B, d, K) and totals v(all) - v(empty) (B, K) of ``x``, from its :meth:`frozen_outputs`
+        (computed here unless given, e.g. from the feature cache)."""
+        feats, v = self.frozen_outputs(x) if frozen is None else frozen  # v: (B, 2, K) v(empty), v(all)
+        d = self.num_players
         total = v[:, 1] - v[:, 0]
         scale = self.scale if self.scale > 0 else torch.ones_like(self.scale)
-        phi = self.head(self.patch_features(x), v[:, 1]) * scale
+        phi = self.head(self._head_input(feats, x), v[:, 1]) * scale
         if self.hparams.efficiency:
             phi = phi + (total - phi.sum(1)).unsqueeze(1) / d
         return phi, total
@@ -135,14 +179,14 @@ class AmortizedExplainer(L.LightningModule):
         labels = self._labels(batch)
         if self.scale <= 0:  # set once from the first batch, then saved with the checkpoint
             self.scale.fill_(float(labels.pow(2).mean().sqrt().clamp(min=1e-8)))
-        phi, _ = self._explain(batch["image"])
+        phi, _ = self._explain(batch["image"], self._frozen(batch, "train"))
         loss = self._loss(phi, labels)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         labels = self._labels(batch)
-        phi, _ = self._explain(batch["image"])
+        phi, _ = self._explain(batch["image"], self._frozen(batch, "val"))
         if self.scale > 0:  # MSE to independent noisy labels: unbiased for the MSE to exact values, up to a constant
             self.log("val/loss", self._loss(phi, labels), prog_bar=True, sync_dist=True, batch_size=len(labels))
 
@@ -163,6 +207,47 @@ class AmortizedExplainer(L.LightningModule):
         if isinstance(batch, dict) and "index" in batch:
             out["index"] = batch["index"]
         return out
+
+    # ----------------------------------------------------------------- feature cache
+    def feature_cache_key(self) -> str:
+        """A short hash of the frozen backbone's and the game's fingerprints (settings, weights, buffers)."""
+        both = f"{game_fingerprint(self.features)}|{game_fingerprint(self.game)}"
+        return hashlib.sha1(both.encode()).hexdigest()[:12]
+
+    def feature_cache_file(self, split: str, key: str | None = None) -> str | None:
+        """``{folder}/features-{key}-{split}-rank{r}.safetensors`` of this process (None without a folder)."""
+        folder = self.hparams.feature_cache
+        if folder in (None, "memory"):
+            return None
+        key = key or self.feature_cache_key()
+        return os.path.join(folder, f"features-{key}-{split}-rank{self.global_rank}.safetensors")
+
+    def on_fit_start(self) -> None:
+        """Key the feature caches to the frozen weights (emptied when they changed) and, with a folder, load this
+        process's files."""
+        if not self.feature_caches:
+            return
+        key = self.feature_cache_key()
+        for split, cache in self.feature_caches.items():
+            if cache.key == key:
+                continue
+            cache.key = key
+            cache.clear()
+            path = self.feature_cache_file(split, key)
+            if path is not None and os.path.isfile(path):
+                cache.load(path)
+
+    def _save_feature_caches(self) -> None:
+        for split, cache in self.feature_caches.items():
+            path = self.feature_cache_file(split, cache.key) if cache.key else None
+            if path is not None and cache.dirty:
+                cache.save(path)
+
+    def on_train_epoch_end(self) -> None:
+        self._save_feature_caches()  # after this epoch's validation: both splits
+
+    def on_fit_end(self) -> None:
+        self._save_feature_caches()
 
     def configure_optimizers(self):
         return adamw_cosine(self, self.head.parameters(), self.hparams.lr, self.hparams.weight_decay,
