@@ -5,25 +5,32 @@ Part 1 (throughput, CPU, 2 threads): game evaluations per second of the digits V
 
 * the model's plain batched forward (no masking) at several batch sizes: the upper limit;
 * our estimators (``permutation_shapley``, ``unbiased_kernel_shap``, ``kernel_shap``, ``banzhaf``), counted by the
-  game's ``num_evaluations``;
+  game's ``num_evaluations``, on the masking game and (permutation, unbiased KernelSHAP) on the token-dropping game;
 * Captum's ``ShapleyValueSampling`` and ``KernelShap`` on the same model (+ softmax), images, patch grid (as
   ``feature_mask``), baseline 0 and budget, at the best ``perturbations_per_eval``; evaluations are the input rows
   that reach the model (counted by a wrapper).
 
 Part 2 (error vs compute): the demo's amortized explainer (``python -m lightning_attr.demo``; run here when
 ``{demo_out}/results.json`` is missing) against per-example permutation sampling and unbiased KernelSHAP at
-budgets ``32 .. 4096`` evaluations per example, all scored against exact Shapley values (2^16 coalitions).
+budgets ``32 .. 4096`` evaluations per example, all scored against exact Shapley values (2^16 coalitions) of the
+demo's game (token dropping).
+
+Part 3 (scaling, ``amortization_scaling.py``): the epoch time with and without the feature cache, then the explainer
+fit on 1.4k real and 5k / 20k / 100k streamed augmented digits; error, equal-error ratios and total compute against
+the part-2 curves.
 
     python benchmarks/amortization.py --out artifacts/bench            # full run
     python benchmarks/amortization.py --out artifacts/bench --quick    # smaller run (minutes)
 
-Prints markdown tables; writes ``{out}/amortization.json`` and ``{out}/error_vs_compute.png``.
+Prints markdown tables; writes ``{out}/amortization.json``, ``{out}/error_vs_compute.png`` and
+``{out}/scaling/scaling.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import inspect
 import json
 import math
@@ -44,7 +51,7 @@ from torch import Tensor, nn
 import lightning_attr
 from lightning_attr import ImageDataModule, PatchGame, create_timm_model
 from lightning_attr.estimators import get_estimator
-from lightning_attr.evaluation import amortized_row, equal_error_budget, per_example_curve
+from lightning_attr.evaluation import amortized_row, break_even, equal_error_budget, per_example_curve
 from lightning_attr.io import atomic_write
 
 CONFIG = ROOT / "configs" / "digits_shapley_vit.yaml"
@@ -53,6 +60,7 @@ MODEL_KWARGS: dict[str, Any] = dict(img_size=32, patch_size=8, embed_dim=48, dep
 IMAGE_SIZE, PATCH_SIZE = 32, 8
 OURS = ("permutation_shapley", "unbiased_kernel_shap", "kernel_shap", "banzhaf")
 CURVE_METHODS = ("permutation_shapley", "unbiased_kernel_shap")
+DROP = ("permutation_shapley", "unbiased_kernel_shap")  # also timed on the token-dropping game
 TARGET_VS_CAPTUM, TARGET_VS_FORWARD = 1.5, 0.8
 
 
@@ -202,12 +210,15 @@ def forward_jobs(model: nn.Module, x: Tensor, batch_sizes: Sequence[int], rows_p
 
 
 def our_jobs(model: nn.Module, x: Tensor, names: Sequence[str], budget: int, chunk_size: int | None = None,
-             suffix: str = "") -> list[Job]:
-    """Our estimators on all of ``x`` in one call each; evaluations counted by the game; all K classes returned."""
+             suffix: str = "", removal: str = "mask") -> list[Job]:
+    """Our estimators on all of ``x`` in one call each; evaluations counted by the game; all K classes returned.
+    ``removal="drop"``: the token-dropping game (the model's rows then count coalitions of fewer tokens)."""
     jobs = []
     for name in names:
-        counter = CountingModule(model)
-        game = PatchGame(counter, PATCH_SIZE, (IMAGE_SIZE, IMAGE_SIZE), **({"chunk_size": chunk_size} if chunk_size else {}))
+        counted, counter = _counted_encoder(model) if removal == "drop" else (None, CountingModule(model))
+        kwargs = {"chunk_size": chunk_size} if chunk_size else {}
+        game = PatchGame(counted if removal == "drop" else counter, PATCH_SIZE, (IMAGE_SIZE, IMAGE_SIZE),
+                         removal=removal, **kwargs)
         est = get_estimator(name)
 
         def run(est: Callable = est, game: PatchGame = game) -> Tensor:
@@ -216,6 +227,15 @@ def our_jobs(model: nn.Module, x: Tensor, names: Sequence[str], budget: int, chu
         jobs.append(Job(f"ours: {name}{suffix}", run, counter, images=len(x), batch_size=game.chunk_size,
                         evaluations=lambda game=game: game.num_evaluations))
     return jobs
+
+
+def _counted_encoder(model: nn.Module) -> tuple[nn.Module, CountingModule]:
+    """A view of the ViT ``model`` (same parameters) whose encoder blocks are counted: the token-dropping game runs
+    the blocks, not ``model.forward``."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view.blocks = CountingModule(model.blocks)
+    return view, view.blocks
 
 
 def _patch_values(attr: Tensor) -> Tensor:
@@ -367,6 +387,7 @@ def throughput_part(s: Settings, weights: str | None, profile_all: bool) -> dict
     jobs = forward_jobs(model, x, s.forward_batch_sizes)
     jobs += our_jobs(model, x, OURS, s.budget)
     jobs += our_jobs(model, x, ["permutation_shapley"], 32, suffix=" @32 (label setting)")
+    jobs += our_jobs(model, x, DROP, s.budget, suffix=" (removal=drop)", removal="drop")
     default_chunk = inspect.signature(PatchGame).parameters["chunk_size"].default
     for bs in s.forward_batch_sizes:  # the game's chunk (rows per forward) at every plain-forward batch size
         if bs != default_chunk:
@@ -403,6 +424,7 @@ def throughput_part(s: Settings, weights: str | None, profile_all: bool) -> dict
             "vs_best_captum_evals": r["evals_per_s"] / best_captum_evals["evals_per_s"],
             "vs_best_captum_attributions": r["attributions_per_s"] / best_captum_attrs["attributions_per_s"],
             "vs_captum_same_kind": _same_kind_ratio(r, captum_rows),
+            "vs_masking": _vs_masking(r, ours_rows),
         }
     below = sorted(m.removeprefix("ours: ") for m, v in ratios.items() if "chunk_size" not in m
                    and (v["vs_best_forward"] < TARGET_VS_FORWARD or v["vs_best_captum_evals"] < TARGET_VS_CAPTUM))
@@ -424,6 +446,14 @@ def _class_of(attr: Tensor, pred: Tensor) -> Tensor:
     if attr.shape[1] == 1:
         return attr[:, 0]
     return attr.gather(1, pred[:, None, None].expand(-1, 1, attr.shape[2]))[:, 0]
+
+
+def _vs_masking(row: dict, ours_rows: Sequence[dict]) -> float | None:
+    """Evaluations per second of a token-dropping run over the same estimator on the masking game (else None)."""
+    if not row["method"].endswith(" (removal=drop)"):
+        return None
+    mask = next((r for r in ours_rows if r["method"] == row["method"].removesuffix(" (removal=drop)")), None)
+    return row["evals_per_s"] / mask["evals_per_s"] if mask else None
 
 
 def _same_kind_ratio(ours: dict, captum_rows: Sequence[dict]) -> dict[str, float]:
@@ -491,7 +521,7 @@ class _EpochClock(Callback):
         return [b - a for a, b in zip(marks, marks[1:])]
 
 
-def time_training_epochs(demo_out: str, epochs: int = 3) -> dict:
+def time_training_epochs(demo_out: str, epochs: int = 3, extra: Sequence[str] = ()) -> dict:
     """Re-time the explainer stage's epochs now (same config, cached labels, a temporary log folder).
 
     The demo's own stage time depends on the load while it ran; this measures an epoch (training + validation,
@@ -510,7 +540,7 @@ def time_training_epochs(demo_out: str, epochs: int = 3) -> dict:
                              "--data.init_args.cache_dir", os.path.join(demo_out, "oracle_cache"),
                              "--trainer.default_root_dir", tmp, "--trainer.max_epochs", str(epochs),
                              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                             "--trainer.logger", "false"], run=False)
+                             "--trainer.logger", "false", *extra], run=False)
         cli.trainer.callbacks.append(clock)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         label_evals = sum(cli.datamodule.evaluations.values())
@@ -527,7 +557,7 @@ def counted_evaluations(game: PatchGame, x: Tensor, name: str, budget: int) -> i
     return game.num_evaluations - before
 
 
-def error_part(s: Settings, demo_out: str, oracle_rate: float | None, part1: dict | None) -> dict:
+def error_part(s: Settings, demo_out: str, part1: dict | None) -> dict:
     """Part 2: per-example MSE curves vs the amortized explainer; compute accounting and equal-error ratios."""
     demo = ensure_demo(demo_out, s.demo_epochs)  # main() has already (re)run it when asked
     t0 = time.perf_counter()
@@ -557,7 +587,7 @@ def error_part(s: Settings, demo_out: str, oracle_rate: float | None, part1: dic
                                                                  seed=seed + 1, progress=False)]
     curve = _mean_over_seeds(curve)
 
-    rate = oracle_rate or oracle_rate_now(game, x)  # evaluations per second: converts seconds into evaluations
+    rate = part1_rate(part1, game) or oracle_rate_now(game, x)  # evaluations/s: converts seconds into evaluations
     clock = time_training_epochs(demo_out)
     epochs_run, best_epoch = explainer_epochs(ckpt)
     train_spent = clock["seconds_per_epoch"] * epochs_run
@@ -577,9 +607,9 @@ def error_part(s: Settings, demo_out: str, oracle_rate: float | None, part1: dic
             "extrapolated": need > max(r["evals_per_example"] for r in rows) or need < min(r["evals_per_example"] for r in rows),
             "mse_at_label_budget": at_label["mse"] if at_label else math.nan,
             "mse_ratio_at_label_budget": at_label["mse"] / amortized["mse"] if at_label else math.nan,
-            "break_even_examples_labels_only": _break_even(label_evaluations, need, amortized["evals_per_example"]),
-            "break_even_examples": _break_even(fixed, need, infer_per_example),
-            "break_even_examples_to_best_epoch": _break_even(fixed_to_best, need, infer_per_example),
+            "break_even_examples_labels_only": break_even(label_evaluations, need, amortized["evals_per_example"]),
+            "break_even_examples": break_even(fixed, need, infer_per_example),
+            "break_even_examples_to_best_epoch": break_even(fixed_to_best, need, infer_per_example),
             "compute_ratio_at_n_all_labels_only": need * n_all / (label_evaluations + amortized["evals_per_example"] * n_all),
             "compute_ratio_at_n_all": need * n_all / (fixed + infer_per_example * n_all),
         }
@@ -597,14 +627,16 @@ def error_part(s: Settings, demo_out: str, oracle_rate: float | None, part1: dic
         "amortized_inference_evals_per_example": infer_per_example,
         "amortized": amortized, "curve": curve, "summary": summary, "budget_fidelity": fidelity,
         "demo_test_metrics": demo.get("test_metrics"), "seconds": time.perf_counter() - t0,
-        "load": load_now(cores=True),
+        "load": load_now(cores=True), "x": x, "exact": exact,
     }
 
 
-def _break_even(fixed: float, per_example_method: float, per_example_amortized: float) -> float:
-    """Number of explained examples from which the amortized approach costs less in total."""
-    gain = per_example_method - per_example_amortized
-    return fixed / gain if gain > 0 else math.inf
+def part1_rate(part1: dict | None, game: PatchGame) -> float | None:
+    """Part 1's evaluations per second of permutation sampling on ``game``'s kind of removal (None without part 1)."""
+    if not part1:
+        return None
+    name = "ours: permutation_shapley" + (" (removal=drop)" if game.removal.name == "drop" else "")
+    return next(r["evals_per_s"] for r in part1["ours"] if r["method"] == name)
 
 
 def oracle_rate_now(game: PatchGame, x: Tensor, budget: int = 512) -> float:
@@ -701,12 +733,13 @@ def throughput_tables(p: dict) -> str:
               f"{p['best_forward']['batch_size']}). Fastest Captum in evals/s: {p['best_captum_evals']}; in "
               f"attributions/s: {p['best_captum_attributions']}.", "",
               f"| ours | / best plain forward (target >= {TARGET_VS_FORWARD}) | / fastest Captum, evals/s "
-              f"(target >= {TARGET_VS_CAPTUM}) | / fastest Captum, attributions/s | / same-kind Captum, evals/s |",
-              "|---|---:|---:|---:|---|"]
+              f"(target >= {TARGET_VS_CAPTUM}) | / fastest Captum, attributions/s | / same-kind Captum, evals/s | "
+              "/ same estimator on the masking game |", "|---|---:|---:|---:|---|---:|"]
     for m, v in p["ratios"].items():
         same = ", ".join(f"{k.removeprefix('captum ')}: {x:.2f}x" for k, x in v["vs_captum_same_kind"].items())
+        mask = f"{v['vs_masking']:.2f}x" if v.get("vs_masking") else "—"
         lines.append(f"| {m} | {v['vs_best_forward']:.2f} | {v['vs_best_captum_evals']:.2f}x | "
-                     f"{v['vs_best_captum_attributions']:.1f}x | {same or '—'} |")
+                     f"{v['vs_best_captum_attributions']:.1f}x | {same or '—'} | {mask} |")
     if p.get("overhead"):
         by_method = {r["method"]: r for r in p["ours"]}
         lines += ["", "Everything but the model: one call with a no-op model (masking, sampling, estimator algebra), "
@@ -813,13 +846,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smaller run: fewer images, budgets and repeats")
     parser.add_argument("--rerun-demo", action="store_true",
                         help="run the demo again even if {demo-out}/results.json exists (e.g. after library changes)")
-    parser.add_argument("--parts", default="throughput,error", help="comma-separated: throughput, error")
+    parser.add_argument("--parts", default="throughput,error,scaling",
+                        help="comma-separated: throughput, error, scaling (scaling runs error too)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--profile", action="store_true", help="profile every estimator, not only those below target")
     a = parser.parse_args(argv)
     parts = {p.strip() for p in a.parts.split(",") if p.strip()}
-    if not parts or parts - {"throughput", "error"}:
-        parser.error(f"--parts must list 'throughput' and/or 'error', got {a.parts!r}")
+    if not parts or parts - {"throughput", "error", "scaling"}:
+        parser.error(f"--parts must list some of 'throughput', 'error', 'scaling', got {a.parts!r}")
+    if "scaling" in parts:
+        parts.add("error")
     s = Settings.quick() if a.quick else Settings()
     demo_out = a.demo_out or ("artifacts/demo" if not a.quick or os.path.isfile("artifacts/demo/results.json")
                               else os.path.join(a.out, "demo_quick"))
@@ -837,7 +873,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     weights = os.path.join(demo_out, "classifier_vit.safetensors")
 
     report = []
-    oracle_rate, p1 = None, None
+    p1 = None
     if "throughput" in parts:
         import captum
 
@@ -846,16 +882,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results["throughput"] = p1
         report.append(throughput_tables(p1))
         print(report[-1], flush=True)
-        oracle_rate = next(r["evals_per_s"] for r in p1["ours"] if r["method"] == "ours: permutation_shapley")
     if "error" in parts:
-        p2 = error_part(s, demo_out, oracle_rate, p1)
+        p2 = error_part(s, demo_out, p1)
         results["error_vs_compute"] = p2
         results["plot"] = plot_error_vs_compute(p2, os.path.join(a.out, "error_vs_compute.png"))
         report.append(error_tables(p2))
         print("\n" + report[-1], flush=True)
+    if "scaling" in parts:
+        from amortization_scaling import run_scaling
+
+        p3, table = run_scaling(a.quick, demo_out, os.path.join(a.out, "scaling"), p2["x"], p2["exact"], p2["curve"],
+                                p2["oracle_evals_per_s"])
+        results["scaling"] = p3
+        report.append(table)
+        print("\n" + table, flush=True)
     results["total_seconds"] = time.perf_counter() - start
     results["load_end"] = load_now(cores=True)
-    json_path = write_json(os.path.join(a.out, "amortization.json"), results, drop=("pred_attr", "x", "pred"))
+    json_path = write_json(os.path.join(a.out, "amortization.json"), results, drop=("pred_attr", "x", "pred", "exact"))
     print(f"\nTotal {results['total_seconds']:.0f} s; load at end {results['load_end']}. Wrote {json_path}"
           + (f" and {results['plot']}" if "plot" in results else ""))
     return results

@@ -1,11 +1,14 @@
 """``make demo``: the whole amortized-Shapley job on the embedded digits data, end to end.
 
-1. ``lightning-attr fit --config configs/digits_classifier_vit.yaml``: train the ViT to explain; export its weights.
+1. ``lightning-attr fit --config configs/digits_classifier_vit.yaml``: train the ViT to explain (with random token
+   dropping, the game's way of removing patches); export its weights.
 2. ``lightning-attr fit --config configs/digits_shapley_vit.yaml``: load them back frozen through timm's local-file
-   path as the backbone, and train the explainer on fixed noisy labels (32 evaluations per image).
+   path as the backbone, and train the explainer on fixed noisy labels (32 evaluations per image, token-dropping
+   game); frozen features are computed once per image.
 3. ``trainer.test``: metrics against exact Shapley values (2^16 coalitions per test image, cached).
 4. Per-example permutation sampling and unbiased KernelSHAP at 1x, 4x, 16x, 64x the label budget on the same
-   test images; the table, a JSON file and a PNG of heatmaps go to ``--out``.
+   test images; the oracle's rate by token dropping vs masking, the whole stage-2 compute and its break-even
+   against per-example sampling; the table, a JSON file and a PNG of heatmaps go to ``--out``.
 5. Training-data attribution inside training: ``lightning-attr fit --config configs/digits_noisy_resnet.yaml
    --trainer.callbacks+=callbacks/trak.yaml`` (a digits ResNet on 10% flipped labels with TracIn, last-layer TracIn
    and TRAK callbacks) and the noisy-label AUC / recall of each callback's self-influence.
@@ -55,7 +58,7 @@ def run(out: str = "artifacts/demo", classifier_epochs: int | None = None, expla
     t0 = time.perf_counter()
     weights = classifier_stage(out, classifier_epochs)
     t1 = time.perf_counter()
-    cli = explainer_stage(out, weights, explainer_epochs)
+    cli, fit_seconds = explainer_stage(out, weights, explainer_epochs)
     trainer, dm = cli.trainer, cli.datamodule
     best = trainer.checkpoint_callback.best_model_path
     t2 = time.perf_counter()
@@ -79,7 +82,8 @@ def run(out: str = "artifacts/demo", classifier_epochs: int | None = None, expla
         "checkpoint": best,
     }
     results["heatmaps"] = _heatmaps(out, explainer, x, exact, label_budget)
-    summary = _amortization_summary(results, explainer.game.num_players)
+    results["compute"] = compute_stage(explainer, x, results, fit_seconds)
+    summary = _amortization_summary(results, explainer.game.num_players) + _compute_summary(results["compute"])
     tda = attribution_stage(out, attribution_epochs)
     results["attribution"] = tda
     summary += _attribution_summary(tda)
@@ -104,14 +108,18 @@ def classifier_stage(out: str, epochs: int | None = None) -> str:
     return weights
 
 
-def explainer_stage(out: str, weights: str, epochs: int | None = None) -> AttrCLI:
-    """Stage 2: train the amortized explainer on the frozen classifier ``weights``; returns the finished CLI."""
-    args = ["fit", "--config", str(CONFIGS / "digits_shapley_vit.yaml"), "--trainer.default_root_dir",
+def explainer_stage(out: str, weights: str, epochs: int | None = None) -> tuple[AttrCLI, float]:
+    """Stage 2: train the amortized explainer on the frozen classifier ``weights``; returns the finished CLI and the
+    seconds of its ``fit`` (labels, frozen features, head training and validation: the compute of this stage)."""
+    args = ["--config", str(CONFIGS / "digits_shapley_vit.yaml"), "--trainer.default_root_dir",
             f"{out}/explainer", "--model.init_args.classifier_weights", weights,
             "--data.init_args.cache_dir", f"{out}/oracle_cache"]
     if epochs:
         args += ["--trainer.max_epochs", str(epochs)]
-    return build_cli(args)
+    cli = build_cli(args, run=False)
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, time.perf_counter() - start
 
 
 def comparison_stage(explainer: AmortizedExplainer, x: torch.Tensor, exact: torch.Tensor,
@@ -134,6 +142,54 @@ def _equal_error(amortized_mse: float, curve: list[dict]) -> dict:
             for m in ("permutation_shapley", "unbiased_kernel_shap")
         },
     }
+
+
+def oracle_rates(game, x: torch.Tensor, budget: int = 512) -> dict[str, float]:
+    """Evaluations per second of permutation sampling on ``x`` through ``game`` and through the same classifier with
+    the other removal (token dropping vs baseline masking), best of 3 after a warm-up."""
+    from lightning_attr.estimators import permutation_shapley
+    from lightning_attr.games import PatchGame
+
+    rates = {}
+    for removal in ("drop", "mask"):
+        g = game if game.removal.name == removal else PatchGame(game.model, game.patch_size, game.image_size,
+                                                                 output=game.output, removal=removal)
+        times = []
+        for _ in range(4):
+            before, start = g.num_evaluations, time.perf_counter()
+            permutation_shapley(g, x, budget, generator=torch.Generator().manual_seed(0))
+            times.append((g.num_evaluations - before) / (time.perf_counter() - start))
+        rates[removal] = max(times[1:])
+    return rates
+
+
+def compute_stage(explainer: AmortizedExplainer, x: torch.Tensor, results: dict, fit_seconds: float) -> dict:
+    """Total compute of the amortized explainer (stage 2's ``fit_seconds``: labels, frozen features, head training and
+    validation) in evaluations at the game's measured rate, and the break-even number of explained images against
+    per-example permutation sampling at equal error."""
+    from lightning_attr.evaluation import break_even
+
+    rates = oracle_rates(explainer.game, x)
+    rate = rates[explainer.game.removal.name]
+    start = time.perf_counter()
+    with torch.no_grad():
+        explainer(x)
+    infer = max(2.0, (time.perf_counter() - start) / len(x) * rate)  # v(empty), v(all), backbone and head
+    fixed = fit_seconds * rate
+    need = results["equal_error_budget"]["permutation_shapley"]
+    return {"oracle_evals_per_s": rates, "removal": explainer.game.removal.name, "fit_seconds": fit_seconds,
+            "fixed_evaluations": fixed,
+            "inference_evaluations_per_image": infer, "break_even_images": break_even(fixed, need, infer)}
+
+
+def _compute_summary(c: dict) -> str:
+    rates = c["oracle_evals_per_s"]
+    return (f"Oracle: {rates['drop']:,.0f} evaluations/s by token dropping vs {rates['mask']:,.0f} by baseline masking "
+            f"({rates['drop'] / rates['mask']:.2f}x; the game uses {c['removal']!r}). All amortization compute (stage 2's "
+            f"fit: labels, frozen features, head training, {c['fit_seconds']:.1f} s) = {c['fixed_evaluations']:,.0f} "
+            "evaluations; "
+            f"it breaks even with per-example permutation sampling at equal error after "
+            f"{c['break_even_images']:,.0f} explained images.\n")
 
 
 def _heatmaps(out: str, explainer: AmortizedExplainer, x: torch.Tensor, exact: torch.Tensor, label_budget: int) -> str:

@@ -285,3 +285,17 @@ def test_fixed_labels_are_cached_per_virtual_index(tmp_path, vit_weights, tiny_d
     other, model = oracle_fit(tmp_path, vit_weights[0], tiny_digits, "fixed", augment_seed=1)
     assert other.evaluations["train"] == 48 * evaluations_per_image(model)
     assert len(list((tmp_path / "cache").glob("train-*-rank0.safetensors"))) == 2
+
+
+def test_decoded_images_kept_in_memory_equal_fresh_decodes():
+    """A split small enough for ``cache_mb`` is decoded once; its items equal those decoded on every access."""
+    dm = ImageDataModule(image_size=16)
+    dm.setup()
+    kept = dm.splits["val"]
+    fresh = IndexedImageDataset(kept.data, 16, indices=kept.indices, cache_mb=0.0)
+    assert kept._decoded is not None and fresh._decoded is None
+    for i in (0, 7, len(kept) - 1):
+        first, again, other = kept[i], kept[i], fresh[i]
+        assert torch.equal(first["image"], other["image"]) and torch.equal(again["image"], other["image"])
+        assert first["label"] == other["label"] and first["index"] == other["index"] == i
+    assert len(kept._decoded) == 3

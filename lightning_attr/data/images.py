@@ -48,6 +48,8 @@ class IndexedImageDataset(Dataset):
 
     ``index`` is the item's stable position in this split; attribution results are keyed by it.
     Images are converted to ``channels`` channels, resized to ``image_size`` and normalized with ``mean`` / ``std``.
+    When the whole split's decoded images fit in ``cache_mb`` MiB (digits: 6 MiB), each is decoded once and kept
+    (every later epoch reads memory instead of decoding); larger splits are decoded on every access.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class IndexedImageDataset(Dataset):
         label_column: str = "label",
         indices: np.ndarray | None = None,
         labels: np.ndarray | None = None,
+        cache_mb: float = 256.0,
     ) -> None:
         for col in (image_column, label_column):
             if col not in hf_dataset.column_names:
@@ -70,6 +73,8 @@ class IndexedImageDataset(Dataset):
         self.image_size, self.channels, self.mean, self.std = image_size, channels, mean, std
         self.image_column, self.label_column = image_column, label_column
         self.labels = None if labels is None else np.asarray(labels)  # overrides the column (e.g. flipped labels)
+        decoded_mb = len(self.indices) * channels * image_size**2 * 4 / 2**20
+        self._decoded: dict[int, tuple[Tensor, int]] | None = {} if decoded_mb <= cache_mb else None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -101,9 +106,16 @@ class IndexedImageDataset(Dataset):
         return digest.hexdigest()
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        i = int(i)
+        if self._decoded is not None and i in self._decoded:
+            image, label = self._decoded[i]
+            return {"image": image, "label": label, "index": i}
         row = self.data[int(self.indices[i])]
         label = int(row[self.label_column]) if self.labels is None else int(self.labels[i])
-        return {"image": self.to_tensor(row[self.image_column]), "label": label, "index": i}
+        image = self.to_tensor(row[self.image_column])
+        if self._decoded is not None:
+            self._decoded[i] = (image, label)
+        return {"image": image, "label": label, "index": i}
 
 
 def _class_count(data: Any, label_column: str) -> int:

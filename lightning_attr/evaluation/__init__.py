@@ -17,6 +17,7 @@ from lightning_attr.evaluation.data import (
 from lightning_attr.evaluation.features import (
     amortized_row,
     attribution_errors,  # noqa: F401, E402  (importable, not advertised)
+    break_even,
     equal_error_budget,
     per_example_curve,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "per_example_curve",
     "amortized_row",
     "equal_error_budget",
+    "break_even",
     "lds",
     "random_subsets",
     "noisy_label_recall",

@@ -14,7 +14,7 @@ from lightning_attr.estimators import get_estimator
 from lightning_attr.estimators.base import Game
 from lightning_attr.metrics.functional import attribution_mse, attribution_pearson, attribution_spearman, sign_agreement
 
-__all__ = ["attribution_errors", "per_example_curve", "amortized_row", "equal_error_budget"]
+__all__ = ["attribution_errors", "per_example_curve", "amortized_row", "equal_error_budget", "break_even"]
 
 
 def attribution_errors(preds: Tensor, exact: Tensor) -> dict[str, float]:
@@ -90,3 +90,11 @@ def equal_error_budget(rows: Sequence[dict], target_mse: float) -> float:
     (b0, m0), (b1, m1) = (logs[0], logs[1]) if target > logs[0][1] else (logs[-2], logs[-1])
     slope = (m1 - m0) / (b1 - b0) if b1 != b0 else -1.0
     return math.exp(b1 + (target - m1) / (slope if slope < 0 else -1.0))
+
+
+def break_even(fixed: float, per_example_method: float, per_example_amortized: float) -> float:
+    """Number of explained examples from which amortization (a ``fixed`` cost, then ``per_example_amortized`` per
+    example) costs less in total than a per-example method at ``per_example_method`` per example (any one unit, e.g.
+    game evaluations); ``inf`` when it never does."""
+    gain = per_example_method - per_example_amortized
+    return fixed / gain if gain > 0 else math.inf

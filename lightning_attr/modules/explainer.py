@@ -47,7 +47,8 @@ class AmortizedExplainer(L.LightningModule):
         classifier / classifier_weights / classifier_kwargs: the model to explain (timm name, local weights file,
             ``timm.create_model`` kwargs). ``pretrained=True`` without a file loads hub weights.
         backbone / backbone_weights / backbone_kwargs: the frozen feature extractor (defaults: the classifier's).
-        num_classes: K. image_size / patch_size / baseline / output: the game (players = patches).
+        num_classes: K. image_size / patch_size / baseline / output / removal: the game (players = patches;
+            ``removal="drop"`` drops the absent patches' tokens of a patch-aligned ViT instead of masking them).
         head: ``"transformer"`` (default; attends over patches and the prediction) or ``"mlp"`` (per patch).
         pixel_features: also give the head each patch's raw pixels (concatenated to its backbone feature); the
             final-layer tokens of a classifier are mixed across patches and tuned to the label, the pixels are not.
@@ -78,6 +79,7 @@ class AmortizedExplainer(L.LightningModule):
         patch_size: int = 8,
         baseline: float = 0.0,
         output: Literal["probs", "logits", "log_probs"] = "probs",
+        removal: Literal["mask", "drop"] = "mask",
         head: Literal["transformer", "mlp"] = "transformer",
         pixel_features: bool = True,
         head_dim: int = 128,
@@ -99,7 +101,7 @@ class AmortizedExplainer(L.LightningModule):
                                   **classifier_kwargs)
         for p in model.parameters():
             p.requires_grad_(False)
-        self.game = PatchGame(model, patch_size, (image_size, image_size), baseline, output)
+        self.game = PatchGame(model, patch_size, (image_size, image_size), baseline, output, removal=removal)
         if backbone is None:
             backbone, backbone_weights = classifier, backbone_weights or classifier_weights
             backbone_kwargs = classifier_kwargs if backbone_kwargs is None else backbone_kwargs

@@ -1,0 +1,35 @@
+"""Known answers of the equal-error and break-even arithmetic that the demo and the benchmarks report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lightning_attr.evaluation import break_even, equal_error_budget
+
+
+def curve(c: float = 0.05, budgets=(32, 64, 128, 256)) -> list[dict]:
+    """A Monte-Carlo curve MSE = c / budget (exact in log-log coordinates)."""
+    return [{"evals_per_example": b, "mse": c / b} for b in budgets]
+
+
+@pytest.mark.parametrize("target", [0.05 / 40, 0.05 / 100, 0.05 / 256])
+def test_equal_error_budget_interpolates_a_one_over_budget_curve(target):
+    assert equal_error_budget(curve(), target) == pytest.approx(0.05 / target, rel=1e-9)
+
+
+@pytest.mark.parametrize("target", [0.05 / 1000, 0.05 / 10])
+def test_equal_error_budget_extrapolates_beyond_the_rows(target):
+    assert equal_error_budget(curve(), target) == pytest.approx(0.05 / target, rel=1e-9)
+
+
+def test_equal_error_budget_needs_two_rows():
+    assert math.isnan(equal_error_budget(curve(budgets=(32,)), 1e-3))
+
+
+def test_break_even_is_fixed_cost_over_the_saving_per_example():
+    assert break_even(100_000, 162, 2) == pytest.approx(625.0)
+    n = break_even(50_000, 80, 5)
+    assert 50_000 + n * 5 == pytest.approx(n * 80)  # equal totals at the break-even count
+    assert break_even(100, 2, 2) == math.inf and break_even(100, 1, 3) == math.inf
