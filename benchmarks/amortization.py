@@ -44,15 +44,20 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from common import NUM_CLASSES, ROOT, Timed, best_of, load_now, progress, run_rounds, write_json
+from common import NUM_CLASSES, ROOT, Timed, best_of, load_now, progress, run_rounds, save_plot, write_json
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 import lightning_attr
 from lightning_attr import ImageDataModule, PatchGame, create_timm_model
 from lightning_attr.estimators import get_estimator
-from lightning_attr.evaluation import amortized_row, break_even, equal_error_budget, per_example_curve
-from lightning_attr.io import atomic_write
+from lightning_attr.evaluation import (
+    amortized_row,
+    break_even,
+    equal_error_budget,
+    inference_seconds,
+    per_example_curve,
+)
 
 CONFIG = ROOT / "configs" / "digits_shapley_vit.yaml"
 MODEL_NAME = "vit_tiny_patch16_224"
@@ -592,7 +597,7 @@ def error_part(s: Settings, demo_out: str, part1: dict | None) -> dict:
     epochs_run, best_epoch = explainer_epochs(ckpt)
     train_spent = clock["seconds_per_epoch"] * epochs_run
     train_to_best = clock["seconds_per_epoch"] * (best_epoch + 1)
-    infer_per_example = max(amortized["evals_per_example"], amortized["seconds"] / n_test * rate)
+    infer_per_example = max(amortized["evals_per_example"], inference_seconds(explainer, x) * rate)
     fixed = label_evaluations + train_spent * rate
     fixed_to_best = label_evaluations + train_to_best * rate
 
@@ -613,7 +618,7 @@ def error_part(s: Settings, demo_out: str, part1: dict | None) -> dict:
             "compute_ratio_at_n_all_labels_only": need * n_all / (label_evaluations + amortized["evals_per_example"] * n_all),
             "compute_ratio_at_n_all": need * n_all / (fixed + infer_per_example * n_all),
         }
-    fidelity = _throughput_fidelity(part1, x, exact)
+    fidelity = _throughput_fidelity(part1, x, exact, game.removal.name)
     return {
         "demo_out": demo_out, "checkpoint": ckpt, "label_estimator": label_name,
         "label_budget": label_budget, "val_budget": val_budget, "evals_per_train_label": train_evals,
@@ -674,8 +679,9 @@ def _mean_over_seeds(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _throughput_fidelity(part1: dict | None, x: Tensor, exact: Tensor) -> dict[str, dict]:
-    """MSE vs exact (predicted class only) of every part-1 run, when part 1 explained the same images and model.
+def _throughput_fidelity(part1: dict | None, x: Tensor, exact: Tensor, removal: str) -> dict[str, dict]:
+    """MSE vs exact (predicted class only) of every part-1 run of the same game (``removal``: Captum masks), when
+    part 1 explained the same images and model.
 
     A sanity check that ours and Captum estimate the same game: at equal budget the two permutation samplers
     should land near the same error.
@@ -688,6 +694,8 @@ def _throughput_fidelity(part1: dict | None, x: Tensor, exact: Tensor) -> dict[s
         name = r["method"].removeprefix("ours: ").split(" ")[0]
         if p is None or (r["method"].startswith("ours") and get_estimator(name).target != "shapley"):
             continue  # e.g. Banzhaf values: a different target than the exact Shapley values
+        if ("(removal=drop)" in r["method"]) != (removal == "drop"):
+            continue  # the other game: its exact values differ
         n = p.shape[0]
         if n > len(x) or not torch.equal(part1["x"][:n], x[:n]):
             continue
@@ -795,8 +803,8 @@ def error_tables(e: dict) -> str:
                      f"{_fmt(v['break_even_examples_to_best_epoch'])} | {v['compute_ratio_at_n_all_labels_only']:.2f}x / "
                      f"{v['compute_ratio_at_n_all']:.3f}x |")
     if e["budget_fidelity"]:
-        lines += ["", "Sanity check: the Shapley runs of part 1 vs exact Shapley values (predicted class only; same "
-                  "images and model):", "", "| run | images | evals / image | MSE vs exact |", "|---|---:|---:|---:|"]
+        lines += ["", "Sanity check: the Shapley runs of part 1 on the same game vs its exact Shapley values (predicted "
+                  "class only; same images and model):", "", "| run | images | evals / image | MSE vs exact |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['images']} | {v['evals_per_image']:.0f} | {v['mse']:.3e} |"
                   for k, v in e["budget_fidelity"].items()]
     return "\n".join(lines)
@@ -828,12 +836,7 @@ def plot_error_vs_compute(e: dict, path: str) -> str:
     ax.set_xlabel("game evaluations per example")
     ax.set_ylabel("MSE vs exact Shapley")
     ax.set_title(f"Digits ViT, 16 patches: error vs compute ({e['n_test']} test images)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
-    plt.close(fig)
-    return path
+    return save_plot(fig, ax, path)
 
 
 # --------------------------------------------------------------------------------------------------- main

@@ -34,9 +34,10 @@ from amortization import (
     log,
     time_training_epochs,
 )
+from common import save_plot
 from torch import Tensor
 
-from lightning_attr.evaluation import amortized_row, break_even, equal_error_budget
+from lightning_attr.evaluation import amortized_row, break_even, equal_error_budget, inference_seconds
 
 BIG_HEAD = (128, 3, 0.002)  # head_dim, head_depth, lr for 5k+ images (the config's small head underfits them)
 FROZEN_EVALS_PER_IMAGE = 3  # v(empty), v(all) and one backbone forward, computed once per image (feature cache)
@@ -48,7 +49,7 @@ class ScalingSettings:
     size, and the numbers of explained images of the compute table; everything else is the config's."""
 
     sizes: tuple[int, ...] = (1437, 5_000, 20_000, 100_000)
-    epochs: tuple[int, ...] = (8, 12, 10, 5)
+    epochs: tuple[int, ...] = (6, 12, 10, 5)
     batch_sizes: tuple[int, ...] = (64, 128, 128, 256)
     heads: tuple[tuple[int, int, float] | None, ...] = (None, BIG_HEAD, BIG_HEAD, BIG_HEAD)  # None: the config's
     explained: tuple[int, ...] = (1_000, 10_000, 100_000)
@@ -103,8 +104,9 @@ def size_row(fit: dict, n: int, x: Tensor, exact: Tensor, rate: float, curve: Se
     steady = fit["epoch_seconds"][1:] or fit["epoch_seconds"]
     train_seconds = statistics.median(steady) * len(fit["epoch_seconds"])  # epoch 0 also computed the labels
     fixed = label_evals + train_seconds * rate
-    infer = max(amortized["evals_per_example"], amortized["seconds"] / len(x) * rate)
-    row = {"n_train": n, "epochs": len(fit["epoch_seconds"]), "hparams": dict(explainer.hparams), "mse": amortized["mse"], "pearson": amortized["pearson"],
+    infer = max(amortized["evals_per_example"], inference_seconds(explainer, x) * rate)
+    row = {"n_train": n, "epochs": len(fit["epoch_seconds"]), "hparams": dict(explainer.hparams),
+           "mse": amortized["mse"], "pearson": amortized["pearson"],
            "label_evaluations": label_evals, "train_seconds": train_seconds, "fit_seconds": fit["fit_seconds"],
            "epoch_seconds": fit["epoch_seconds"], "fixed_evals": fixed, "fixed_seconds": fixed / rate,
            "inference_evals_per_example": infer, "methods": {}}
@@ -185,8 +187,6 @@ def plot_scaling(p: dict, curve: Sequence[dict], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lightning_attr.io import atomic_write
-
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.plot([r["n_train"] for r in p["rows"]], [r["mse"] for r in p["rows"]], marker="*", ms=12, color="crimson",
             label="amortized (labels: 32 evaluations per image)")
@@ -199,12 +199,7 @@ def plot_scaling(p: dict, curve: Sequence[dict], path: str) -> str:
     ax.set_yscale("log")
     ax.set_xlabel("training images (real, then streamed augmented copies)")
     ax.set_ylabel("MSE vs exact Shapley (held-out digits)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
-    plt.close(fig)
-    return path
+    return save_plot(fig, ax, path)
 
 
 def feature_cache_ratio(demo_out: str, epochs: int = 4) -> dict:

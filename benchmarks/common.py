@@ -202,6 +202,18 @@ def write_text(path: str | Path, text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the small digits CNN
+def save_plot(fig: Any, ax: Any, path: str | Path, dpi: int = 130) -> str:
+    """Grid and legend on ``ax``, then ``fig`` written to ``path`` as PNG atomically and closed; returns the path."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(str(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    plt.close(fig)
+    return str(path)
+
+
 class DigitsCNN(nn.Module):
     """Conv(C->16, 3x3) - ReLU - MaxPool - Conv(16->32, 3x3) - ReLU - MaxPool - Linear(32*(S/4)^2, 64) - ReLU -
     Linear(64, 10)."""

@@ -167,14 +167,11 @@ def compute_stage(explainer: AmortizedExplainer, x: torch.Tensor, results: dict,
     """Total compute of the amortized explainer (stage 2's ``fit_seconds``: labels, frozen features, head training and
     validation) in evaluations at the game's measured rate, and the break-even number of explained images against
     per-example permutation sampling at equal error."""
-    from lightning_attr.evaluation import break_even
+    from lightning_attr.evaluation import break_even, inference_seconds
 
     rates = oracle_rates(explainer.game, x)
     rate = rates[explainer.game.removal.name]
-    start = time.perf_counter()
-    with torch.no_grad():
-        explainer(x)
-    infer = max(2.0, (time.perf_counter() - start) / len(x) * rate)  # v(empty), v(all), backbone and head
+    infer = max(2.0, inference_seconds(explainer, x) * rate)  # v(empty), v(all), backbone and head per image
     fixed = fit_seconds * rate
     need = results["equal_error_budget"]["permutation_shapley"]
     return {"oracle_evals_per_s": rates, "removal": explainer.game.removal.name, "fit_seconds": fit_seconds,

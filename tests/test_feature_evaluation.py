@@ -33,3 +33,14 @@ def test_break_even_is_fixed_cost_over_the_saving_per_example():
     n = break_even(50_000, 80, 5)
     assert 50_000 + n * 5 == pytest.approx(n * 80)  # equal totals at the break-even count
     assert break_even(100, 2, 2) == math.inf and break_even(100, 1, 3) == math.inf
+
+
+def test_inference_seconds_explains_the_requested_number_of_images_per_repeat():
+    import torch
+
+    from lightning_attr.evaluation import inference_seconds
+
+    seen = []
+    seconds = inference_seconds(lambda b: seen.append(len(b)) or b, torch.zeros(10, 1, 2, 2), images=25, batch_size=8,
+                                repeats=2)
+    assert seen == [8] + [8, 8, 8, 1] * 2 and seconds > 0

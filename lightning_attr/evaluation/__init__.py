@@ -19,6 +19,7 @@ from lightning_attr.evaluation.features import (
     attribution_errors,  # noqa: F401, E402  (importable, not advertised)
     break_even,
     equal_error_budget,
+    inference_seconds,
     per_example_curve,
 )
 from lightning_attr.evaluation.retrain import SubsetRetrainer, target_losses
@@ -38,6 +39,7 @@ __all__ = [
     "amortized_row",
     "equal_error_budget",
     "break_even",
+    "inference_seconds",
     "lds",
     "random_subsets",
     "noisy_label_recall",

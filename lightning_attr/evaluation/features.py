@@ -14,7 +14,8 @@ from lightning_attr.estimators import get_estimator
 from lightning_attr.estimators.base import Game
 from lightning_attr.metrics.functional import attribution_mse, attribution_pearson, attribution_spearman, sign_agreement
 
-__all__ = ["attribution_errors", "per_example_curve", "amortized_row", "equal_error_budget", "break_even"]
+__all__ = ["attribution_errors", "per_example_curve", "amortized_row", "equal_error_budget", "break_even",
+           "inference_seconds"]
 
 
 def attribution_errors(preds: Tensor, exact: Tensor) -> dict[str, float]:
@@ -98,3 +99,19 @@ def break_even(fixed: float, per_example_method: float, per_example_amortized: f
     game evaluations); ``inf`` when it never does."""
     gain = per_example_method - per_example_amortized
     return fixed / gain if gain > 0 else math.inf
+
+
+@torch.no_grad()
+def inference_seconds(explainer: Callable[[Tensor], Tensor], x: Tensor, images: int = 2048, batch_size: int = 256,
+                      repeats: int = 3) -> float:
+    """Seconds per explained image of ``explainer`` (``explainer(x) -> (B, d, K)``) over ``images`` copies of ``x``
+    (N, C, H, W) in batches of ``batch_size``, as when explaining a data set; best of ``repeats`` after a warm-up."""
+    many = x.repeat(-(-images // len(x)), 1, 1, 1)[:images]
+    explainer(many[:batch_size])
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in many.split(batch_size):
+            explainer(batch)
+        best = min(best, time.perf_counter() - start)
+    return best / images

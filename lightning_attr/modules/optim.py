@@ -46,7 +46,8 @@ def adamw_cosine(module: L.LightningModule, params: Iterable[torch.nn.Parameter]
                  warmup_fraction: float = 0.05) -> dict:
     """``torch.optim.AdamW`` (decoupled weight decay) over the trainable ``params``, with :func:`cosine_schedule`."""
     params = [p for p in params if p.requires_grad]
-    return cosine_schedule(module, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), warmup_fraction)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)  # CPU too: one kernel per op
+    return cosine_schedule(module, optimizer, warmup_fraction)
 
 
 def sgd_cosine(module: L.LightningModule, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float,
