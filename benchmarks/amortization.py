@@ -45,11 +45,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from common import NUM_CLASSES, ROOT, Timed, best_of, load_now, progress, run_rounds, save_plot, write_json
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 import lightning_attr
 from lightning_attr import ImageDataModule, PatchGame, create_timm_model
+from lightning_attr.callbacks import EpochClock
 from lightning_attr.estimators import get_estimator
 from lightning_attr.evaluation import (
     amortized_row,
@@ -507,25 +507,6 @@ def oracle_datamodule(demo_out: str):
     return cli.datamodule
 
 
-class _EpochClock(Callback):
-    """Lightning callback recording when every training epoch starts and when fit ends."""
-
-    def __init__(self) -> None:
-        self.starts: list[float] = []
-        self.end = math.nan
-
-    def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
-        self.starts.append(time.perf_counter())
-
-    def on_fit_end(self, trainer: Any, module: Any) -> None:
-        self.end = time.perf_counter()
-
-    def epoch_seconds(self) -> list[float]:
-        """Duration of each epoch (training + its validation), start to next start."""
-        marks = [*self.starts, self.end]
-        return [b - a for a, b in zip(marks, marks[1:])]
-
-
 def time_training_epochs(demo_out: str, epochs: int = 3, extra: Sequence[str] = ()) -> dict:
     """Re-time the explainer stage's epochs now (same config, cached labels, a temporary log folder).
 
@@ -537,7 +518,7 @@ def time_training_epochs(demo_out: str, epochs: int = 3, extra: Sequence[str] = 
 
     from lightning_attr.cli import build_cli
 
-    clock = _EpochClock()
+    clock = EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
         with _cli_argv():
             cli = build_cli(["--config", str(CONFIG), "--model.init_args.classifier_weights",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -29,7 +28,6 @@ from amortization import (
     CONFIG,
     CURVE_METHODS,
     _cli_argv,
-    _EpochClock,
     counted_evaluations,
     log,
     time_training_epochs,
@@ -37,6 +35,7 @@ from amortization import (
 from common import save_plot
 from torch import Tensor
 
+from lightning_attr.callbacks import EpochClock
 from lightning_attr.evaluation import amortized_row, break_even, equal_error_budget, inference_seconds
 
 BIG_HEAD = (128, 3, 0.002)  # head_dim, head_depth, lr for 5k+ images (the config's small head underfits them)
@@ -65,7 +64,7 @@ def fit_size(demo_out: str, out: str, n: int, epochs: int, batch_size: int,
     datamodule, per-epoch seconds and the best checkpoint."""
     from lightning_attr.cli import build_cli
 
-    clock = _EpochClock()
+    clock = EpochClock()
     with _cli_argv():
         cli = build_cli(["--config", str(CONFIG),
                          "--model.init_args.classifier_weights", os.path.join(demo_out, "classifier_vit.safetensors"),
@@ -79,7 +78,8 @@ def fit_size(demo_out: str, out: str, n: int, epochs: int, batch_size: int,
     cli.trainer.callbacks.append(clock)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return {"cli": cli, "epoch_seconds": clock.epoch_seconds(), "fit_seconds": time.perf_counter() - start,
+    return {"cli": cli, "epoch_seconds": clock.epoch_seconds(), "train_seconds": clock.training_seconds(),
+            "fit_seconds": time.perf_counter() - start,
             "checkpoint": cli.trainer.checkpoint_callback.best_model_path}
 
 
@@ -101,8 +101,7 @@ def size_row(fit: dict, n: int, x: Tensor, exact: Tensor, rate: float, curve: Se
     per_train = counted_evaluations(game, x, dm.estimator.name, dm.num_samples)
     per_val = counted_evaluations(game, x, dm.estimator.name, dm.val_num_samples)
     label_evals = n * per_train + n_val * per_val + FROZEN_EVALS_PER_IMAGE * (n + n_val)
-    steady = fit["epoch_seconds"][1:] or fit["epoch_seconds"]
-    train_seconds = statistics.median(steady) * len(fit["epoch_seconds"])  # epoch 0 also computed the labels
+    train_seconds = fit["train_seconds"]  # steady epochs: epoch 0 also computed the labels and frozen features
     fixed = label_evals + train_seconds * rate
     infer = max(amortized["evals_per_example"], inference_seconds(explainer, x) * rate)
     row = {"n_train": n, "epochs": len(fit["epoch_seconds"]), "hparams": dict(explainer.hparams),

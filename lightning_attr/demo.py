@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lightning_attr.callbacks import EpochClock
 from lightning_attr.cli import AttrCLI, build_cli
 from lightning_attr.evaluation import amortized_row, equal_error_budget, per_example_curve
 from lightning_attr.plots import attribution_heatmaps
@@ -58,7 +59,7 @@ def run(out: str = "artifacts/demo", classifier_epochs: int | None = None, expla
     t0 = time.perf_counter()
     weights = classifier_stage(out, classifier_epochs)
     t1 = time.perf_counter()
-    cli, fit_seconds = explainer_stage(out, weights, explainer_epochs)
+    cli, clock = explainer_stage(out, weights, explainer_epochs)
     trainer, dm = cli.trainer, cli.datamodule
     best = trainer.checkpoint_callback.best_model_path
     t2 = time.perf_counter()
@@ -82,7 +83,7 @@ def run(out: str = "artifacts/demo", classifier_epochs: int | None = None, expla
         "checkpoint": best,
     }
     results["heatmaps"] = _heatmaps(out, explainer, x, exact, label_budget)
-    results["compute"] = compute_stage(explainer, x, results, fit_seconds)
+    results["compute"] = compute_stage(explainer, dm, x, results, clock.training_seconds())
     summary = _amortization_summary(results, explainer.game.num_players) + _compute_summary(results["compute"])
     tda = attribution_stage(out, attribution_epochs)
     results["attribution"] = tda
@@ -108,18 +109,19 @@ def classifier_stage(out: str, epochs: int | None = None) -> str:
     return weights
 
 
-def explainer_stage(out: str, weights: str, epochs: int | None = None) -> tuple[AttrCLI, float]:
+def explainer_stage(out: str, weights: str, epochs: int | None = None) -> tuple[AttrCLI, EpochClock]:
     """Stage 2: train the amortized explainer on the frozen classifier ``weights``; returns the finished CLI and the
-    seconds of its ``fit`` (labels, frozen features, head training and validation: the compute of this stage)."""
+    clock of its training epochs (head training and validation: with the labels, the compute of this stage)."""
     args = ["--config", str(CONFIGS / "digits_shapley_vit.yaml"), "--trainer.default_root_dir",
             f"{out}/explainer", "--model.init_args.classifier_weights", weights,
             "--data.init_args.cache_dir", f"{out}/oracle_cache"]
     if epochs:
         args += ["--trainer.max_epochs", str(epochs)]
     cli = build_cli(args, run=False)
-    start = time.perf_counter()
+    clock = EpochClock()
+    cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return cli, time.perf_counter() - start
+    return cli, clock
 
 
 def comparison_stage(explainer: AmortizedExplainer, x: torch.Tensor, exact: torch.Tensor,
@@ -163,28 +165,33 @@ def oracle_rates(game, x: torch.Tensor, budget: int = 512) -> dict[str, float]:
     return rates
 
 
-def compute_stage(explainer: AmortizedExplainer, x: torch.Tensor, results: dict, fit_seconds: float) -> dict:
-    """Total compute of the amortized explainer (stage 2's ``fit_seconds``: labels, frozen features, head training and
-    validation) in evaluations at the game's measured rate, and the break-even number of explained images against
+def compute_stage(explainer: AmortizedExplainer, dm, x: torch.Tensor, results: dict, train_seconds: float) -> dict:
+    """Total compute of the amortized explainer in evaluations at the game's measured rate: its labels (train + val,
+    whether computed now or read from the cache), its frozen features (v(empty), v(all), backbone: 3 per image) and
+    ``train_seconds`` of head training and validation; and the break-even number of explained images against
     per-example permutation sampling at equal error."""
     from lightning_attr.evaluation import break_even, inference_seconds
 
     rates = oracle_rates(explainer.game, x)
     rate = rates[explainer.game.removal.name]
+    images = len(dm.datamodule.splits["train"]) + len(dm.datamodule.splits["val"])
+    before = explainer.game.num_evaluations  # what one label really costs (estimators round budgets to whole units)
+    dm.estimator(explainer.game, x[:1], dm.num_samples)
+    labels = images * (explainer.game.num_evaluations - before + 3)
     infer = max(2.0, inference_seconds(explainer, x) * rate)  # v(empty), v(all), backbone and head per image
-    fixed = fit_seconds * rate
+    fixed = labels + train_seconds * rate
     need = results["equal_error_budget"]["permutation_shapley"]
-    return {"oracle_evals_per_s": rates, "removal": explainer.game.removal.name, "fit_seconds": fit_seconds,
-            "fixed_evaluations": fixed,
-            "inference_evaluations_per_image": infer, "break_even_images": break_even(fixed, need, infer)}
+    return {"oracle_evals_per_s": rates, "removal": explainer.game.removal.name, "train_seconds": train_seconds,
+            "label_evaluations": labels, "fixed_evaluations": fixed, "inference_evaluations_per_image": infer,
+            "break_even_images": break_even(fixed, need, infer)}
 
 
 def _compute_summary(c: dict) -> str:
     rates = c["oracle_evals_per_s"]
     return (f"Oracle: {rates['drop']:,.0f} evaluations/s by token dropping vs {rates['mask']:,.0f} by baseline masking "
-            f"({rates['drop'] / rates['mask']:.2f}x; the game uses {c['removal']!r}). All amortization compute (stage 2's "
-            f"fit: labels, frozen features, head training, {c['fit_seconds']:.1f} s) = {c['fixed_evaluations']:,.0f} "
-            "evaluations; "
+            f"({rates['drop'] / rates['mask']:.2f}x; the game uses {c['removal']!r}). All amortization compute (labels and "
+            f"frozen features, {c['label_evaluations']:,} evaluations, + {c['train_seconds']:.1f} s of head training) = "
+            f"{c['fixed_evaluations']:,.0f} evaluations; "
             f"it breaks even with per-example permutation sampling at equal error after "
             f"{c['break_even_images']:,.0f} explained images.\n")
 

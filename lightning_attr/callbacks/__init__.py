@@ -1,5 +1,6 @@
 """Lightning callbacks of lightning-attr (drop-in YAML specs live in the top-level ``callbacks/`` folder)."""
 
+from lightning_attr.callbacks.epoch_clock import EpochClock
 from lightning_attr.callbacks.heatmaps import AttributionHeatmaps
 from lightning_attr.callbacks.in_step import InStepTracIn
 from lightning_attr.callbacks.influence import InfluenceCallback
@@ -9,5 +10,5 @@ from lightning_attr.callbacks.tracin import TracIn
 from lightning_attr.callbacks.trak import TRAK
 from lightning_attr.callbacks.unrolled import UnrolledDifferentiation
 
-__all__ = ["AttributionHeatmaps", "AttributionWriter", "InStepTracIn", "InfluenceCallback", "InfluenceFunction", "TRAK",
+__all__ = ["AttributionHeatmaps", "AttributionWriter", "EpochClock", "InStepTracIn", "InfluenceCallback", "InfluenceFunction", "TRAK",
            "TracIn", "UnrolledDifferentiation"]
