@@ -55,7 +55,9 @@ from lightning_attr.evaluation import (
     amortized_row,
     break_even,
     equal_error_budget,
+    evaluations_per_example,
     inference_seconds,
+    oracle_rate,
     per_example_curve,
 )
 
@@ -507,6 +509,24 @@ def oracle_datamodule(demo_out: str):
     return cli.datamodule
 
 
+def fit_explainer(demo_out: str, root: str, cache_dir: str, epochs: int,
+                  extra: Sequence[str] = ()) -> tuple[Any, EpochClock]:
+    """Fit the explainer config on the demo's classifier (``extra``: more CLI arguments) into ``root``, quietly and
+    with an :class:`~lightning_attr.callbacks.EpochClock`; returns the finished CLI and the clock."""
+    from lightning_attr.cli import build_cli
+
+    with _cli_argv():
+        cli = build_cli(["--config", str(CONFIG), "--model.init_args.classifier_weights",
+                         os.path.join(demo_out, "classifier_vit.safetensors"), "--data.init_args.cache_dir", cache_dir,
+                         "--trainer.default_root_dir", root, "--trainer.max_epochs", str(epochs),
+                         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                         "--trainer.logger", "false", *extra], run=False)
+    clock = EpochClock()
+    cli.trainer.callbacks.append(clock)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, clock
+
+
 def time_training_epochs(demo_out: str, epochs: int = 3, extra: Sequence[str] = ()) -> dict:
     """Re-time the explainer stage's epochs now (same config, cached labels, a temporary log folder).
 
@@ -516,31 +536,11 @@ def time_training_epochs(demo_out: str, epochs: int = 3, extra: Sequence[str] = 
     """
     import tempfile
 
-    from lightning_attr.cli import build_cli
-
-    clock = EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
-        with _cli_argv():
-            cli = build_cli(["--config", str(CONFIG), "--model.init_args.classifier_weights",
-                             os.path.join(demo_out, "classifier_vit.safetensors"),
-                             "--data.init_args.cache_dir", os.path.join(demo_out, "oracle_cache"),
-                             "--trainer.default_root_dir", tmp, "--trainer.max_epochs", str(epochs),
-                             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                             "--trainer.logger", "false", *extra], run=False)
-        cli.trainer.callbacks.append(clock)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        cli, clock = fit_explainer(demo_out, tmp, os.path.join(demo_out, "oracle_cache"), epochs, extra)
         label_evals = sum(cli.datamodule.evaluations.values())
-    per_epoch = clock.epoch_seconds()
-    steady = per_epoch[1:] or per_epoch
-    return {"epoch_seconds": per_epoch, "seconds_per_epoch": statistics.median(steady),
+    return {"epoch_seconds": clock.epoch_seconds(), "seconds_per_epoch": clock.seconds_per_epoch(),
             "labels_recomputed_evaluations": label_evals}
-
-
-def counted_evaluations(game: PatchGame, x: Tensor, name: str, budget: int) -> int:
-    """Evaluations ``name`` really spends per example at ``budget`` (counted by the game on one example)."""
-    before = game.num_evaluations
-    get_estimator(name)(game, x[:1], budget, generator=torch.Generator().manual_seed(0))
-    return game.num_evaluations - before
 
 
 def error_part(s: Settings, demo_out: str, part1: dict | None) -> dict:
@@ -562,8 +562,8 @@ def error_part(s: Settings, demo_out: str, part1: dict | None) -> dict:
     n_all = n_train + n_val + len(dm.datamodule.splits["test"])
     label_name = dm.estimator.name
     label_budget, val_budget = dm.num_samples, dm.val_num_samples
-    train_evals = counted_evaluations(game, x, label_name, label_budget)
-    val_evals = counted_evaluations(game, x, label_name, val_budget)
+    train_evals = evaluations_per_example(game, x, label_name, label_budget)
+    val_evals = evaluations_per_example(game, x, label_name, val_budget)
     label_evaluations = n_train * train_evals + n_val * val_evals
 
     amortized = amortized_row(explainer, x, exact, label_budget)
@@ -573,7 +573,7 @@ def error_part(s: Settings, demo_out: str, part1: dict | None) -> dict:
                                                                  seed=seed + 1, progress=False)]
     curve = _mean_over_seeds(curve)
 
-    rate = part1_rate(part1, game) or oracle_rate_now(game, x)  # evaluations/s: converts seconds into evaluations
+    rate = part1_rate(part1, game) or oracle_rate(game, x[:32])  # evaluations/s: converts seconds into evaluations
     clock = time_training_epochs(demo_out)
     epochs_run, best_epoch = explainer_epochs(ckpt)
     train_spent = clock["seconds_per_epoch"] * epochs_run
@@ -623,16 +623,6 @@ def part1_rate(part1: dict | None, game: PatchGame) -> float | None:
         return None
     name = "ours: permutation_shapley" + (" (removal=drop)" if game.removal.name == "drop" else "")
     return next(r["evals_per_s"] for r in part1["ours"] if r["method"] == name)
-
-
-def oracle_rate_now(game: PatchGame, x: Tensor, budget: int = 512) -> float:
-    """Evaluations per second of ``permutation_shapley`` on ``x`` (when part 1 did not run): best of 3 after a
-    warm-up."""
-    est = get_estimator("permutation_shapley")
-    before = game.num_evaluations
-    est(game, x[:32], budget, generator=torch.Generator().manual_seed(0))
-    evals = game.num_evaluations - before
-    return evals / min(best_of(lambda: est(game, x[:32], budget, generator=torch.Generator().manual_seed(0)), 3))
 
 
 def explainer_epochs(ckpt: str) -> tuple[int, int]:

@@ -25,18 +25,21 @@ from typing import Any, Sequence
 
 import torch
 from amortization import (
-    CONFIG,
     CURVE_METHODS,
-    _cli_argv,
-    counted_evaluations,
+    fit_explainer,
     log,
     time_training_epochs,
 )
 from common import save_plot
 from torch import Tensor
 
-from lightning_attr.callbacks import EpochClock
-from lightning_attr.evaluation import amortized_row, break_even, equal_error_budget, inference_seconds
+from lightning_attr.evaluation import (
+    amortized_row,
+    break_even,
+    equal_error_budget,
+    evaluations_per_example,
+    inference_seconds,
+)
 
 BIG_HEAD = (128, 3, 0.002)  # head_dim, head_depth, lr for 5k+ images (the config's small head underfits them)
 FROZEN_EVALS_PER_IMAGE = 3  # v(empty), v(all) and one backbone forward, computed once per image (feature cache)
@@ -62,22 +65,11 @@ def fit_size(demo_out: str, out: str, n: int, epochs: int, batch_size: int,
              head: tuple[int, int, float] | None) -> dict:
     """Fit the explainer on ``n`` training images (real first, then augmented); returns the finished CLI's model,
     datamodule, per-epoch seconds and the best checkpoint."""
-    from lightning_attr.cli import build_cli
-
-    clock = EpochClock()
-    with _cli_argv():
-        cli = build_cli(["--config", str(CONFIG),
-                         "--model.init_args.classifier_weights", os.path.join(demo_out, "classifier_vit.safetensors"),
-                         "--data.init_args.datamodule.class_path", "lightning_attr.AugmentedImageDataModule",
-                         "--data.init_args.datamodule.init_args.train_size", str(n),
-                         "--data.init_args.datamodule.init_args.batch_size", str(batch_size),
-                         "--data.init_args.cache_dir", os.path.join(out, "oracle_cache"),
-                         "--trainer.default_root_dir", os.path.join(out, f"n{n}"), "--trainer.max_epochs", str(epochs),
-                         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                         "--trainer.logger", "false", *_head_args(head)], run=False)
-    cli.trainer.callbacks.append(clock)
     start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli, clock = fit_explainer(demo_out, os.path.join(out, f"n{n}"), os.path.join(out, "oracle_cache"), epochs,
+                               ["--data.init_args.datamodule.class_path", "lightning_attr.AugmentedImageDataModule",
+                                "--data.init_args.datamodule.init_args.train_size", str(n),
+                                "--data.init_args.datamodule.init_args.batch_size", str(batch_size), *_head_args(head)])
     return {"cli": cli, "epoch_seconds": clock.epoch_seconds(), "train_seconds": clock.training_seconds(),
             "fit_seconds": time.perf_counter() - start,
             "checkpoint": cli.trainer.checkpoint_callback.best_model_path}
@@ -98,8 +90,8 @@ def size_row(fit: dict, n: int, x: Tensor, exact: Tensor, rate: float, curve: Se
     explainer = type(cli.model).load_from_checkpoint(fit["checkpoint"], map_location="cpu").eval()
     amortized = amortized_row(explainer, x, exact, dm.num_samples)
     n_val = len(dm.datamodule.splits["val"])
-    per_train = counted_evaluations(game, x, dm.estimator.name, dm.num_samples)
-    per_val = counted_evaluations(game, x, dm.estimator.name, dm.val_num_samples)
+    per_train = evaluations_per_example(game, x, dm.estimator.name, dm.num_samples)
+    per_val = evaluations_per_example(game, x, dm.estimator.name, dm.val_num_samples)
     label_evals = n * per_train + n_val * per_val + FROZEN_EVALS_PER_IMAGE * (n + n_val)
     train_seconds = fit["train_seconds"]  # steady epochs: epoch 0 also computed the labels and frozen features
     fixed = label_evals + train_seconds * rate

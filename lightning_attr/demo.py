@@ -149,19 +149,14 @@ def _equal_error(amortized_mse: float, curve: list[dict]) -> dict:
 def oracle_rates(game, x: torch.Tensor, budget: int = 512) -> dict[str, float]:
     """Evaluations per second of permutation sampling on ``x`` through ``game`` and through the same classifier with
     the other removal (token dropping vs baseline masking), best of 3 after a warm-up."""
-    from lightning_attr.estimators import permutation_shapley
+    from lightning_attr.evaluation import oracle_rate
     from lightning_attr.games import PatchGame
 
     rates = {}
     for removal in ("drop", "mask"):
         g = game if game.removal.name == removal else PatchGame(game.model, game.patch_size, game.image_size,
                                                                  output=game.output, removal=removal)
-        times = []
-        for _ in range(4):
-            before, start = g.num_evaluations, time.perf_counter()
-            permutation_shapley(g, x, budget, generator=torch.Generator().manual_seed(0))
-            times.append((g.num_evaluations - before) / (time.perf_counter() - start))
-        rates[removal] = max(times[1:])
+        rates[removal] = oracle_rate(g, x, budget)
     return rates
 
 
@@ -170,14 +165,12 @@ def compute_stage(explainer: AmortizedExplainer, dm, x: torch.Tensor, results: d
     whether computed now or read from the cache), its frozen features (v(empty), v(all), backbone: 3 per image) and
     ``train_seconds`` of head training and validation; and the break-even number of explained images against
     per-example permutation sampling at equal error."""
-    from lightning_attr.evaluation import break_even, inference_seconds
+    from lightning_attr.evaluation import break_even, evaluations_per_example, inference_seconds
 
     rates = oracle_rates(explainer.game, x)
     rate = rates[explainer.game.removal.name]
     images = len(dm.datamodule.splits["train"]) + len(dm.datamodule.splits["val"])
-    before = explainer.game.num_evaluations  # what one label really costs (estimators round budgets to whole units)
-    dm.estimator(explainer.game, x[:1], dm.num_samples)
-    labels = images * (explainer.game.num_evaluations - before + 3)
+    labels = images * (evaluations_per_example(explainer.game, x, dm.estimator.name, dm.num_samples) + 3)
     infer = max(2.0, inference_seconds(explainer, x) * rate)  # v(empty), v(all), backbone and head per image
     fixed = labels + train_seconds * rate
     need = results["equal_error_budget"]["permutation_shapley"]

@@ -16,8 +16,9 @@ class EpochClock(Callback):
     """Records when every training epoch starts and when fit ends (``time.perf_counter``).
 
     ``epoch_seconds()``: each epoch's duration (training + its validation, data loading and Lightning included), start
-    to next start. ``training_seconds()``: the steady cost of the whole run, the median epoch after the first times the
-    number of epochs (the first also fills label and feature caches, which are accounted for separately).
+    to next start. ``seconds_per_epoch()``: the median epoch after the first (the first also fills label and feature
+    caches, which are accounted for separately); ``training_seconds()``: the steady cost of the whole run, that
+    median times the number of epochs.
     """
 
     def __init__(self) -> None:
@@ -35,9 +36,11 @@ class EpochClock(Callback):
         marks = [*self.starts, self.end]
         return [b - a for a, b in zip(marks, marks[1:])]
 
-    def training_seconds(self) -> float:
-        """Median epoch after the first (the only one when there is one) times the number of epochs."""
+    def seconds_per_epoch(self) -> float:
+        """Median epoch after the first (the only one when there is one); 0 before any epoch."""
         seconds = self.epoch_seconds()
-        if not seconds:
-            return 0.0
-        return statistics.median(seconds[1:] or seconds) * len(seconds)
+        return statistics.median(seconds[1:] or seconds) if seconds else 0.0
+
+    def training_seconds(self) -> float:
+        """:meth:`seconds_per_epoch` times the number of epochs."""
+        return self.seconds_per_epoch() * len(self.epoch_seconds())

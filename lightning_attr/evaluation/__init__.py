@@ -19,7 +19,9 @@ from lightning_attr.evaluation.features import (
     attribution_errors,  # noqa: F401, E402  (importable, not advertised)
     break_even,
     equal_error_budget,
+    evaluations_per_example,
     inference_seconds,
+    oracle_rate,
     per_example_curve,
 )
 from lightning_attr.evaluation.retrain import SubsetRetrainer, target_losses
@@ -40,6 +42,8 @@ __all__ = [
     "equal_error_budget",
     "break_even",
     "inference_seconds",
+    "evaluations_per_example",
+    "oracle_rate",
     "lds",
     "random_subsets",
     "noisy_label_recall",

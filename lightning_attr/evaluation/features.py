@@ -15,7 +15,7 @@ from lightning_attr.estimators.base import Game
 from lightning_attr.metrics.functional import attribution_mse, attribution_pearson, attribution_spearman, sign_agreement
 
 __all__ = ["attribution_errors", "per_example_curve", "amortized_row", "equal_error_budget", "break_even",
-           "inference_seconds"]
+           "inference_seconds", "evaluations_per_example", "oracle_rate"]
 
 
 def attribution_errors(preds: Tensor, exact: Tensor) -> dict[str, float]:
@@ -115,3 +115,24 @@ def inference_seconds(explainer: Callable[[Tensor], Tensor], x: Tensor, images: 
             explainer(batch)
         best = min(best, time.perf_counter() - start)
     return best / images
+
+
+def evaluations_per_example(game: Game, x: Tensor, estimator: str, budget: int) -> int:
+    """Game evaluations ``estimator`` really spends per example at ``budget`` (estimators round budgets to whole
+    units), counted by the game on the first example of ``x``."""
+    before = game.num_evaluations
+    get_estimator(estimator)(game, x[:1], budget, generator=torch.Generator().manual_seed(0))
+    return game.num_evaluations - before
+
+
+def oracle_rate(game: Game, x: Tensor, budget: int = 512, repeats: int = 3) -> float:
+    """Game evaluations per second of ``permutation_shapley`` at ``budget`` on ``x`` (N, C, H, W), counted by the
+    game: the best of ``repeats`` calls after a warm-up call."""
+    est = get_estimator("permutation_shapley")
+    est(game, x, budget, generator=torch.Generator().manual_seed(0))
+    best = 0.0
+    for _ in range(repeats):
+        before, start = game.num_evaluations, time.perf_counter()
+        est(game, x, budget, generator=torch.Generator().manual_seed(0))
+        best = max(best, (game.num_evaluations - before) / (time.perf_counter() - start))
+    return best
